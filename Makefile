@@ -1,0 +1,38 @@
+# `make run`: set up (venv, torch, build) and run the main job. `make test`: set up and run the tests.
+# CI runs `make test` with FORCE_CUDA=1 so the CUDA kernels are compiled too (see README).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CUDA 13.0 build of torch: runs on the CPU and can also compile the CUDA kernels.
+# TORCH=torch==2.13.0 gives the smaller CPU build (CPU kernels only).
+TORCH ?= torch==2.14.1
+export MAX_JOBS ?= 2
+
+.PHONY: setup install run test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/deps.stamp: requirements-dev.txt | $(BIN)/python
+	$(BIN)/pip install --upgrade --quiet pip
+	$(BIN)/pip install --quiet "$(TORCH)" -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/deps.stamp
+
+# Always re-run: ninja rebuilds only what changed under build/.
+install: setup
+	$(BIN)/pip install --no-build-isolation --no-deps --quiet .
+	cd / && $(CURDIR)/$(BIN)/python -c "import mhgd_fast as mf; print('mhgd_fast', mf.__version__, 'backends:', mf.available_backends(), 'compiled:', mf.build_info()['compiled_backends'])"
+
+run: install
+	$(BIN)/mhgd-fast bench --quick
+
+test: install
+	MHGD_REQUIRE_EXTENSION=1 $(BIN)/pytest tests
+
+bench: install
+	$(BIN)/pytest benchmarks --benchmark-only
+
+clean:
+	rm -rf build dist *.egg-info $(VENV)

@@ -1,0 +1,117 @@
+// Device code of mhgd_fast::attention_graph (MHGD_SPEC.md §4). No torch includes: this header
+// is compiled by nvcc through attention_graph_cuda.cu and stands alone (MHGD_SPEC.md §11).
+// One block per graph row; blockDim.x is a multiple of 32, at most 1024.
+#pragma once
+
+#include <cstdint>
+
+namespace mhgd_fast {
+namespace cuda_kernels {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ float dev_exp(float x) { return expf(x); }
+__device__ __forceinline__ double dev_exp(double x) { return exp(x); }
+__device__ __forceinline__ float dev_tanh(float x) { return tanhf(x); }
+__device__ __forceinline__ double dev_tanh(double x) { return tanh(x); }
+
+template <typename T>
+__device__ __forceinline__ T neg_infinity() {
+  return -static_cast<T>(INFINITY);
+}
+
+struct MaxOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a > b ? a : b; }
+};
+struct SumOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_reduce(T v, Op op) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(kFullMask, v, offset));
+  return v;
+}
+
+// Reduces v over the block; every thread gets the result. `scratch` holds 32 values and is free
+// again on return.
+template <typename T, typename Op>
+__device__ T block_reduce(T v, Op op, T identity, T* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int warps = (blockDim.x + 31) >> 5;
+  v = warp_reduce(v, op);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    T w = lane < warps ? scratch[lane] : identity;
+    w = warp_reduce(w, op);
+    if (lane == 0) scratch[0] = w;
+  }
+  __syncthreads();
+  const T result = scratch[0];
+  __syncthreads();
+  return result;
+}
+
+// In place: row <- squash(scale * row) for this thread's columns; returns the block's row max.
+template <typename T>
+__device__ T squash_row(T* row, int64_t cols, T scale, bool squash_tanh, T* scratch) {
+  T mx = neg_infinity<T>();
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    T v = scale * row[j];
+    if (squash_tanh) v = dev_tanh(v);
+    row[j] = v;
+    mx = mx > v ? mx : v;
+  }
+  return block_reduce(mx, MaxOp(), neg_infinity<T>(), scratch);
+}
+
+// s: [rows, cols] raw q k^T products; on return softmax_j(squash(scale * s)).
+template <typename T>
+__global__ void attention_softmax_forward(T* __restrict__ s, int64_t cols, T scale, bool squash_tanh) {
+  __shared__ T scratch[32];
+  T* row = s + static_cast<int64_t>(blockIdx.x) * cols;
+  const T mx = squash_row(row, cols, scale, squash_tanh, scratch);
+  T sum = 0;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const T e = dev_exp(row[j] - mx);
+    row[j] = e;
+    sum += e;
+  }
+  const T inv = T(1) / block_reduce(sum, SumOp(), T(0), scratch);
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) row[j] *= inv;
+}
+
+// s: raw q k^T products; dp: dL/dP. On return s holds dL/d(q k^T):
+// scale * P_j (dP_j - sum_l dP_l P_l) * (1 - t_j^2 if tanh), t = squash(scale * s).
+template <typename T>
+__global__ void attention_softmax_backward(T* __restrict__ s, const T* __restrict__ dp, int64_t cols, T scale,
+                                           bool squash_tanh) {
+  __shared__ T scratch[32];
+  const int64_t offset = static_cast<int64_t>(blockIdx.x) * cols;
+  T* row = s + offset;
+  const T* drow = dp + offset;
+  const T mx = squash_row(row, cols, scale, squash_tanh, scratch);
+  T sum = 0;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) sum += dev_exp(row[j] - mx);
+  const T inv = T(1) / block_reduce(sum, SumOp(), T(0), scratch);
+  T dot = 0;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) dot += dev_exp(row[j] - mx) * inv * drow[j];
+  dot = block_reduce(dot, SumOp(), T(0), scratch);
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const T t = row[j];
+    const T chain = squash_tanh ? T(1) - t * t : T(1);
+    row[j] = scale * dev_exp(t - mx) * inv * (drow[j] - dot) * chain;
+  }
+}
+
+// Threads per row block: one warp per 32 columns, 32 to 256.
+inline int row_block_threads(int64_t cols) {
+  const int64_t warps = (cols + 31) / 32;
+  return static_cast<int>(32 * (warps < 1 ? 1 : (warps > 8 ? 8 : warps)));
+}
+
+}  // namespace cuda_kernels
+}  // namespace mhgd_fast

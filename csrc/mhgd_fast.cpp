@@ -1,0 +1,45 @@
+// Op schemas (one TORCH_LIBRARY block for every op) and the module-level build helpers.
+// Each device registers its kernels in its own file with TORCH_LIBRARY_IMPL; Python adds the
+// fake (meta) kernels and autograd formulas in mhgd_fast/_torch_ops.py.
+#include <torch/extension.h>
+
+#include "mhgd_fast.h"
+
+TORCH_LIBRARY(mhgd_fast, m) {
+  // MHGD_SPEC.md §4: softmax_j(squash(scale * q k^T)) per head; q [H, N, d], k [H, M, d].
+  m.def("attention_graph(Tensor q, Tensor k, bool squash_tanh, float scale) -> Tensor");
+  // Gradients of attention_graph w.r.t. q and k; recomputes the graph from q and k.
+  m.def(
+      "attention_graph_backward(Tensor grad, Tensor q, Tensor k, bool squash_tanh, float scale)"
+      " -> (Tensor, Tensor)");
+}
+
+namespace {
+
+pybind11::dict compile_info() {
+  pybind11::dict info;
+#if defined(__clang__)
+  info["cxx_compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["cxx_compiler"] = std::string("gcc ") + __VERSION__;
+#endif
+  info["cxx_standard"] = static_cast<long>(__cplusplus);
+#ifdef _OPENMP
+  info["openmp"] = static_cast<long>(_OPENMP);
+#else
+  info["openmp"] = pybind11::none();
+#endif
+#ifdef WITH_CUDA
+  info["cuda_runtime_compiled"] = mhgd_fast::compiled_cuda_runtime_version();
+#else
+  info["cuda_runtime_compiled"] = pybind11::none();
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "mhgd_fast compiled kernels (ops are registered under torch.ops.mhgd_fast)";
+  m.def("compile_info", &compile_info, "Facts fixed when the extension was compiled");
+}

@@ -1,0 +1,23 @@
+"""mhgd_fast: multi-head attention graph knowledge distillation (Lee & Song, BMVC 2019), fast.
+
+Public contract (MHGD_SPEC.md §8)::
+
+    import mhgd_fast as mf
+    mf.available_backends(); mf.build_info()
+    mf.ops.graph_kl / attention_graph / topk_singular_vectors / align_singular_vectors
+    mf.MHGD(channels, heads=8, student_vectors=4, ...)
+"""
+__version__ = "0.1.0"
+
+from ._extension import ExtensionVersionError, build_info  # noqa: E402  (needs __version__)
+from . import _torch_ops  # noqa: E402,F401  registers fake kernels and autograd of the compiled ops
+from . import ops, reference  # noqa: E402
+from .backends import BackendUnavailableError, available_backends  # noqa: E402
+from .balancing import balanced_backward, clip_by_norm, transfer_clip_factor  # noqa: E402
+from .module import MHGD  # noqa: E402
+
+__all__ = [
+    "__version__", "available_backends", "build_info", "ops", "reference", "MHGD",
+    "balanced_backward", "clip_by_norm", "transfer_clip_factor",
+    "BackendUnavailableError", "ExtensionVersionError",
+]

@@ -1,0 +1,113 @@
+"""Public ops of MHGD_SPEC.md §8: validated, then dispatched to a backend.
+
+``backend="auto"`` takes the compiled kernel for the tensors' device when that op has one, else
+the pure-PyTorch reference. Naming a backend that cannot run raises
+:class:`~mhgd_fast.backends.BackendUnavailableError`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import reference
+from ._validation import (check_all_finite, check_choice, check_dim, check_float_tensor,
+                          check_same, check_scale)
+from .backends import resolve
+
+__all__ = ["graph_kl", "attention_graph", "topk_singular_vectors", "align_singular_vectors"]
+
+SQUASHES = (None, "tanh")
+DIRECTIONS = ("student_teacher", "teacher_student")
+REDUCTIONS = ("sum", "mean", "none")
+
+
+def _check_heads(q_name, q, k_name, k) -> None:
+    check_float_tensor(q_name, q, ndim=3, layout="[H, N, d]")
+    check_float_tensor(k_name, k, ndim=3, layout="[H, M, d]")
+    check_dim(k_name, k, 0, q.shape[0], f"head count (dim 0; {q_name} has {q.shape[0]})")
+    check_dim(k_name, k, 2, q.shape[2], f"feature size (dim 2; {q_name} has {q.shape[2]})")
+    if k.shape[1] == 0:
+        raise ValueError(f"{k_name} has no columns (M = 0): a graph row needs at least one column")
+
+
+def graph_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, *,
+             squash: Optional[str] = "tanh", scale: float = 1.0,
+             direction: str = "student_teacher", reduction: str = "sum",
+             backend: str = "auto") -> torch.Tensor:
+    """KL divergence between the student's and the teacher's attention graphs (§6–§7).
+
+    ``q_*: [H, N, d]``, ``k_*: [H, M, d]``. Graph rows are ``softmax_j(squash(scale·q kᵀ))``.
+    ``direction="student_teacher"`` sums KL(P_s ‖ P_t) over heads and rows (the paper's loss).
+    ``reduction``: ``"sum"``, ``"mean"`` over the H·N rows, or ``"none"`` (``[H, N]``).
+    float16/bfloat16 inputs are accumulated and returned in float32. NaN/Inf inputs propagate.
+    """
+    _check_heads("q_s", q_s, "k_s", k_s)
+    _check_heads("q_t", q_t, "k_t", k_t)
+    check_same(("q_s", "k_s", "q_t", "k_t"), (q_s, k_s, q_t, k_t))
+    check_dim("q_t", q_t, 0, q_s.shape[0], "head count (dim 0, must match q_s)")
+    check_dim("q_t", q_t, 1, q_s.shape[1], "row count (dim 1, must match q_s)")
+    check_dim("q_t", q_t, 2, q_s.shape[2], "feature size (dim 2, must match q_s)")
+    check_dim("k_t", k_t, 1, k_s.shape[1], "column count (dim 1, must match k_s)")
+    check_choice("squash", squash, SQUASHES)
+    check_choice("direction", direction, DIRECTIONS)
+    check_choice("reduction", reduction, REDUCTIONS)
+    scale = check_scale(scale)
+    if reduction == "mean" and q_s.shape[0] * q_s.shape[1] == 0:
+        raise ValueError("reduction='mean' needs at least one graph row (H·N > 0)")
+    impl = resolve("graph_kl", backend, q_s.device)
+    assert impl == "reference"  # compiled graph_kl kernels are not registered yet (OP_KERNELS)
+    return reference.graph_kl(q_s, k_s, q_t, k_t, squash, scale, direction, reduction)
+
+
+def attention_graph(q: torch.Tensor, k: torch.Tensor, *, squash: Optional[str] = None,
+                    scale: float = 1.0, backend: str = "auto") -> torch.Tensor:
+    """``[H, N, d], [H, M, d] -> [H, N, M]``: ``softmax_j(squash(scale·q kᵀ))`` (§4).
+
+    float16/bfloat16 inputs accumulate in float32; the result has the input dtype.
+    """
+    _check_heads("q", q, "k", k)
+    check_same(("q", "k"), (q, k))
+    check_choice("squash", squash, SQUASHES)
+    scale = check_scale(scale)
+    impl = resolve("attention_graph", backend, q.device)
+    if impl == "reference":
+        return reference.attention_graph(q, k, squash, scale)
+    return torch.ops.mhgd_fast.attention_graph(q, k, squash == "tanh", scale)
+
+
+def topk_singular_vectors(fm: torch.Tensor, k: int, *, eps: Optional[float] = None,
+                          backend: str = "auto") -> torch.Tensor:
+    """``[B, C, *spatial] -> [B, k, C]``: top-k right singular vectors of each sample's
+    ``X_b = fm_b.reshape(C, -1).T`` (§3), descending, unit norm, component sum ≥ 0.
+
+    Vectors whose singular value is ≤ ``eps·σ_max`` (or σ_max = 0) are zeros with zero gradient;
+    ``eps`` defaults to sqrt(machine epsilon) of the compute dtype. The gradient is the exact
+    eigenvector derivative; couplings with ``|λ_i − λ_j| ≤ eps·λ_max`` are dropped. NaN/Inf in
+    ``fm`` raise ``ValueError``.
+    """
+    check_float_tensor("fm", fm, min_ndim=2, layout="[B, C, *spatial]")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= fm.shape[1]:
+        raise ValueError(f"k must be in [1, C={fm.shape[1]}] for fm of shape {tuple(fm.shape)}, got {k}")
+    if eps is not None and not (isinstance(eps, (int, float)) and 0 <= eps < 1):
+        raise ValueError(f"eps must be a number in [0, 1), got {eps!r}")
+    check_all_finite("fm", fm)
+    impl = resolve("topk_singular_vectors", backend, fm.device)
+    assert impl == "reference"  # compiled kernels are not registered yet (OP_KERNELS)
+    return reference.topk_singular_vectors(fm, k, eps)
+
+
+def align_singular_vectors(v_s: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
+    """``[B, ks, C], [B, C] -> [B, C]``: per sample, the student vector with the largest |cosine|
+    to the teacher's vector (first on ties), times that cosine's sign (+1 when 0). The gradient
+    flows through the picked student vector only."""
+    check_float_tensor("v_s", v_s, ndim=3, layout="[B, ks, C]")
+    check_float_tensor("v_t", v_t, ndim=2, layout="[B, C]")
+    check_same(("v_s", "v_t"), (v_s, v_t))
+    check_dim("v_t", v_t, 0, v_s.shape[0], "batch size (dim 0, must match v_s)")
+    check_dim("v_t", v_t, 1, v_s.shape[2], "channel count (dim 1, must match v_s dim 2)")
+    if v_s.shape[1] == 0:
+        raise ValueError("v_s has no candidate vectors (ks = 0)")
+    return reference.align_singular_vectors(v_s, v_t)
