@@ -1,0 +1,58 @@
+"""The mhgd-fast command line: info, bench and its argument errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mhgd_fast as mf
+from mhgd_fast import bench, cli
+
+
+def test_info_prints_json(capsys):
+    assert cli.main(["info"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "reference" in out["available_backends"] and out["build_info"]["package_version"] == mf.__version__
+
+
+def test_bench_quick_graph_kl_table_and_json(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        path = tmp_path / "r.json"
+        assert cli.main(["bench", "--quick", "--ops", "graph_kl", "--threads", "1", "--json", str(path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| graph_kl")]
+    runnable = bench.runnable_backends("graph_kl", "cpu")
+    assert len(rows) == 4 * len(runnable)
+    data = json.loads(path.read_text())
+    assert data["header"]["threads"] == 1 and data["header"]["repeat"] == bench.QUICK.repeat
+    assert len(data["results"]) == len(rows)
+    for r in data["results"]:
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["threads"] == 1
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["bench", "--threads", "0"], ["bench", "--threads", "x"], ["bench", "--ops", "nope"],
+    ["bench", "--json", "/nonexistent_dir/r.json"], ["bench", "--backends", "cuda"],
+])
+def test_bad_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2 and capsys.readouterr().err
+
+
+def test_plan_follows_op_kernels(monkeypatch):
+    monkeypatch.setattr(bench, "available_backends", lambda: ["reference", "cpu"])
+    monkeypatch.setitem(bench.OP_KERNELS, "graph_kl", ("cpu",))
+    backends = {job.backend for job in bench.plan(["graph_kl"])}
+    assert backends == {"reference", "cpu"}
+
+
+def test_python_dash_m():
+    done = subprocess.run([sys.executable, "-m", "mhgd_fast", "info"], capture_output=True, text=True,
+                          cwd="/")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["available_backends"][0] == "reference"
