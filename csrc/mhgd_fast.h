@@ -25,11 +25,29 @@ inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k) {
   TORCH_CHECK(q.device() == k.device(), "attention_graph: q and k are on different devices");
 }
 
+// Checks of the graph_kl kernels (Python validates first; these guard direct torch.ops calls).
+inline void check_graph_kl_inputs(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
+                                  const at::Tensor& k_t) {
+  for (const at::Tensor* x : {&q_s, &k_s, &q_t, &k_t}) {
+    TORCH_CHECK(x->dim() == 3, "graph_kl: inputs must be 3-D [H, N|M, d], got ", x->sizes());
+    TORCH_CHECK(x->scalar_type() == q_s.scalar_type() && x->device() == q_s.device(),
+                "graph_kl: inputs must share dtype and device");
+  }
+  TORCH_CHECK(at::isFloatingType(q_s.scalar_type()), "graph_kl: inputs must be floating point");
+  TORCH_CHECK(q_t.sizes() == q_s.sizes() && k_t.sizes() == k_s.sizes(),
+              "graph_kl: teacher shapes ", q_t.sizes(), k_t.sizes(), " differ from the student's ", q_s.sizes(),
+              k_s.sizes());
+  TORCH_CHECK(k_s.size(0) == q_s.size(0) && k_s.size(2) == q_s.size(2), "graph_kl: q ", q_s.sizes(), " and k ",
+              k_s.sizes(), " disagree on H or d");
+  TORCH_CHECK(k_s.size(1) > 0, "graph_kl: k has no columns (M = 0)");
+}
+
 // attention_graph forward skeleton shared by the devices: s = q k^T in the accumulation dtype,
 // then the device's row pass turns s into the graph in place.
 template <typename RowPass>
 at::Tensor attention_forward_with(const at::Tensor& q, const at::Tensor& k, RowPass row_pass) {
   check_attention_inputs(q, k);
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls here are not recorded
   const auto acc = accumulate_type(q.scalar_type());
   at::Tensor s = at::bmm(q.to(acc), k.to(acc).transpose(1, 2)).contiguous();
   if (s.numel() > 0) row_pass(s);
@@ -45,6 +63,7 @@ std::tuple<at::Tensor, at::Tensor> attention_backward_with(const at::Tensor& gra
   TORCH_CHECK(grad.dim() == 3 && grad.size(0) == q.size(0) && grad.size(1) == q.size(1) &&
                   grad.size(2) == k.size(1),
               "attention_graph_backward: grad must be [H, N, M], got ", grad.sizes());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto acc = accumulate_type(q.scalar_type());
   const at::Tensor qa = q.to(acc), ka = k.to(acc);
   at::Tensor s = at::bmm(qa, ka.transpose(1, 2)).contiguous();

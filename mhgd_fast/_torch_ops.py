@@ -6,6 +6,7 @@ With these, ``torch.ops.mhgd_fast.*`` work under ``torch.compile(fullgraph=True)
 import torch
 
 from ._extension import _C
+from .reference import compute_dtype
 
 if _C is not None:
 
@@ -29,3 +30,53 @@ if _C is not None:
 
     torch.library.register_autograd("mhgd_fast::attention_graph", _attention_graph_backward,
                                     setup_context=_attention_graph_setup)
+
+    # ------------------------------------------------------------------------------ graph_kl
+
+    def _row_stats_like(q_s):
+        return q_s.new_empty(q_s.shape[:2], dtype=compute_dtype(q_s.dtype))
+
+    @torch.library.register_fake("mhgd_fast::graph_kl")
+    def _graph_kl_fake(q_s, k_s, q_t, k_t, squash_tanh, scale, teacher_student):
+        return _row_stats_like(q_s), _row_stats_like(q_s), _row_stats_like(q_s)
+
+    @torch.library.register_fake("mhgd_fast::graph_kl_backward")
+    def _graph_kl_backward_fake(grad_rows, q_s, k_s, q_t, k_t, kl, lse_s, lse_t, squash_tanh, scale,
+                                teacher_student, grad_mask):
+        return tuple(x.new_empty(x.shape) for x in (q_s, k_s, q_t, k_t))
+
+    @torch.library.register_fake("mhgd_fast::graph_kl_fused")
+    def _graph_kl_fused_fake(q_s, k_s, q_t, k_t, squash_tanh, scale, teacher_student, mean, grad_mask):
+        loss = q_s.new_empty((), dtype=compute_dtype(q_s.dtype))
+        return (loss,) + tuple(x.new_empty(x.shape) for x in (q_s, k_s, q_t, k_t))
+
+    def _graph_kl_setup(ctx, inputs, output):
+        q_s, k_s, q_t, k_t, squash_tanh, scale, teacher_student = inputs
+        kl, lse_s, lse_t = output
+        ctx.mark_non_differentiable(lse_s, lse_t)
+        ctx.save_for_backward(q_s, k_s, q_t, k_t, kl, lse_s, lse_t)
+        ctx.options = (squash_tanh, scale, teacher_student)
+
+    def _graph_kl_backward(ctx, grad_kl, grad_lse_s, grad_lse_t):
+        mask = list(ctx.needs_input_grad[:4])
+        grads = torch.ops.mhgd_fast.graph_kl_backward(grad_kl, *ctx.saved_tensors, *ctx.options, mask)
+        return tuple(g if needed else None for g, needed in zip(grads, mask)) + (None,) * 3
+
+    torch.library.register_autograd("mhgd_fast::graph_kl", _graph_kl_backward, setup_context=_graph_kl_setup)
+
+    def _graph_kl_fused_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(*output[1:])
+        ctx.grad_mask = inputs[-1]
+
+    def _graph_kl_fused_backward(ctx, grad_loss, *unused):
+        if torch.is_grad_enabled():
+            # The saved gradients are constants: a second derivative through them would be wrong.
+            raise RuntimeError("mhgd_fast graph_kl (fused CPU/CUDA kernel) does not support double "
+                               "backward; use backend='reference' for higher-order gradients")
+        grads = tuple((grad_loss * g).to(g.dtype) if needed else None
+                      for g, needed in zip(ctx.saved_tensors, ctx.grad_mask))
+        return grads + (None,) * 5
+
+    torch.library.register_autograd("mhgd_fast::graph_kl_fused", _graph_kl_fused_backward,
+                                    setup_context=_graph_kl_fused_setup)

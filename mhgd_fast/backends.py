@@ -15,7 +15,7 @@ from ._extension import compiled_backends
 # the reference backend only (their kernels land in later releases).
 OP_KERNELS = {
     "attention_graph": ("cpu", "cuda"),
-    "graph_kl": (),
+    "graph_kl": ("cpu",),
     "topk_singular_vectors": (),
 }
 

@@ -1,0 +1,236 @@
+// Fused graph-KL loss on the CPU (MHGD_SPEC.md §7): the [H, N, M] graphs are never stored.
+// Work is split over (head, chunk of rows); each task streams blocks of rows whose logit strips
+// ([rows, M], student and teacher) fit in cache: two GEMMs make the strips, the row math
+// (graph_kl_rows.h, AVX2 or generic) reduces them, and two GEMMs per side turn the logit
+// gradients into dq and dk. Extra memory: O(H*N) row statistics plus per-task strips, plus one
+// dk accumulator per extra row chunk when there are more threads than heads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdlib>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "../mhgd_fast.h"
+#include "graph_kl_rows.h"
+
+namespace mhgd_fast {
+namespace {
+
+// AVX2+FMA row math when the CPU has it; MHGD_FAST_CPU_CAPABILITY=generic forces the portable path.
+bool use_avx2() {
+  static const bool avx2 = [] {
+    const char* forced = std::getenv("MHGD_FAST_CPU_CAPABILITY");
+    if (forced != nullptr && std::strcmp(forced, "generic") == 0) return false;
+#if defined(__x86_64__) || defined(__i386__)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+  }();
+  return avx2;
+}
+
+template <typename T>
+void squash_rows(T* s, T* t, int64_t rows, int64_t cols, T scale, bool squash_tanh) {
+  use_avx2() ? cpu::avx2::squash_rows(s, t, rows, cols, scale, squash_tanh)
+             : cpu::generic::squash_rows(s, t, rows, cols, scale, squash_tanh);
+}
+
+template <typename T>
+void kl_rows(const T* s, const T* t, int64_t rows, int64_t cols, bool ts, T* kl, T* lse_s, T* lse_t) {
+  use_avx2() ? cpu::avx2::kl_rows(s, t, rows, cols, ts, kl, lse_s, lse_t)
+             : cpu::generic::kl_rows(s, t, rows, cols, ts, kl, lse_s, lse_t);
+}
+
+template <typename T>
+void kl_grad_rows(T* s, T* t, int64_t rows, int64_t cols, bool squash_tanh, bool ts, const T* kl, const T* lse_s,
+                  const T* lse_t, const T* row_scale, bool want_s, bool want_t) {
+  use_avx2() ? cpu::avx2::kl_grad_rows(s, t, rows, cols, squash_tanh, ts, kl, lse_s, lse_t, row_scale, want_s, want_t)
+             : cpu::generic::kl_grad_rows(s, t, rows, cols, squash_tanh, ts, kl, lse_s, lse_t, row_scale, want_s,
+                                          want_t);
+}
+
+// Rows per block: the two [rows, M] strips take about 2 MiB each (cache resident, large enough
+// GEMMs), 8 to 64 rows.
+int64_t rows_per_block(int64_t cols, int64_t elem_size) {
+  return std::clamp<int64_t>((int64_t{2} << 20) / std::max<int64_t>(cols * elem_size, 1), 8, 64);
+}
+
+// Inputs in the accumulation dtype, contiguous, with the options shared by every pass.
+struct GraphKL {
+  at::Tensor q_s, k_s, q_t, k_t;
+  bool squash_tanh;
+  double scale;
+  bool teacher_student;
+  int64_t heads() const { return q_s.size(0); }
+  int64_t rows() const { return q_s.size(1); }
+  int64_t cols() const { return k_s.size(1); }
+};
+
+GraphKL prepare(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t,
+                bool squash_tanh, double scale, bool teacher_student) {
+  check_graph_kl_inputs(q_s, k_s, q_t, k_t);
+  // Detached: the kernels' own ATen calls must not be recorded (or refused) by autograd.
+  const auto acc = accumulate_type(q_s.scalar_type());
+  auto ready = [acc](const at::Tensor& x) { return x.detach().to(acc).contiguous(); };
+  return {ready(q_s), ready(k_s), ready(q_t), ready(k_t), squash_tanh, scale, teacher_student};
+}
+
+// Which gradients a sweep produces (tensors allocated only for those).
+struct Grads {
+  at::Tensor dq_s, dk_s, dq_t, dk_t;
+  bool q_s, k_s, q_t, k_t;
+  bool student() const { return q_s || k_s; }
+  bool teacher() const { return q_t || k_t; }
+  bool any() const { return student() || teacher(); }
+};
+
+Grads make_grads(const GraphKL& p, const std::array<bool, 4>& mask) {
+  auto zeros_if = [](bool wanted, const at::Tensor& x) { return wanted ? at::zeros_like(x) : at::Tensor(); };
+  return {zeros_if(mask[0], p.q_s), zeros_if(mask[1], p.k_s), zeros_if(mask[2], p.q_t), zeros_if(mask[3], p.k_t),
+          mask[0], mask[1], mask[2], mask[3]};
+}
+
+// One streamed pass over every graph row.
+//  * compute_stats: writes kl/lse_s/lse_t (forward); otherwise reads them (backward).
+//  * grads.any(): also accumulates the gradients with dL/dKL_i = row_grad[i] (or grad_scalar
+//    for every row when row_grad is null).
+template <typename T>
+void sweep(const GraphKL& p, bool compute_stats, T* kl, T* lse_s, T* lse_t, const T* row_grad, T grad_scalar,
+           Grads& g) {
+  const int64_t H = p.heads(), N = p.rows(), M = p.cols();
+  if (H == 0 || N == 0) return;
+  const int64_t block = rows_per_block(M, sizeof(T));
+  const int64_t blocks = (N + block - 1) / block;
+  // Enough (head, row chunk) tasks for every thread; each chunk beyond the first per head
+  // accumulates dk apart, summed at the end.
+  const int64_t chunks =
+      g.any() ? std::min(blocks, std::max<int64_t>(1, (at::get_num_threads() + H - 1) / H)) : blocks;
+  const int64_t blocks_per_chunk = (blocks + chunks - 1) / chunks;
+  at::Tensor dk_s_parts, dk_t_parts;
+  if (chunks > 1 && g.k_s) dk_s_parts = at::zeros({chunks, H, M, p.k_s.size(2)}, p.k_s.options());
+  if (chunks > 1 && g.k_t) dk_t_parts = at::zeros({chunks, H, M, p.k_t.size(2)}, p.k_t.options());
+  const T scale = static_cast<T>(p.scale);
+
+  at::parallel_for(0, H * chunks, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor strip_s = at::empty({block, M}, p.q_s.options());
+    at::Tensor strip_t = at::empty({block, M}, p.q_s.options());
+    std::vector<T> row_scale(block);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = task / chunks, chunk = task % chunks;
+      const at::Tensor qs = p.q_s[h], ks = p.k_s[h], qt = p.q_t[h], kt = p.k_t[h];
+      auto dk_target = [&](bool wanted, const at::Tensor& parts, const at::Tensor& dk) {
+        return !wanted ? at::Tensor() : parts.defined() ? parts[chunk][h] : dk[h];
+      };
+      at::Tensor dk_s = dk_target(g.k_s, dk_s_parts, g.dk_s), dk_t = dk_target(g.k_t, dk_t_parts, g.dk_t);
+      const int64_t first = chunk * blocks_per_chunk, last = std::min(blocks, first + blocks_per_chunk);
+      for (int64_t b = first; b < last; ++b) {
+        const int64_t r0 = b * block, rows = std::min(block, N - r0);
+        at::Tensor s = strip_s.narrow(0, 0, rows), t = strip_t.narrow(0, 0, rows);
+        at::mm_out(s, qs.narrow(0, r0, rows), ks.t());
+        at::mm_out(t, qt.narrow(0, r0, rows), kt.t());
+        T* sp = s.data_ptr<T>();
+        T* tp = t.data_ptr<T>();
+        squash_rows<T>(sp, tp, rows, M, scale, p.squash_tanh);
+        const int64_t off = h * N + r0;
+        if (compute_stats) kl_rows<T>(sp, tp, rows, M, p.teacher_student, kl + off, lse_s + off, lse_t + off);
+        if (!g.any()) continue;
+        for (int64_t i = 0; i < rows; ++i) row_scale[i] = (row_grad ? row_grad[off + i] : grad_scalar) * scale;
+        kl_grad_rows<T>(sp, tp, rows, M, p.squash_tanh, p.teacher_student, kl + off, lse_s + off, lse_t + off,
+                        row_scale.data(), g.student(), g.teacher());
+        // dq[rows] = dZ k ; dk += dZ^T q[rows]
+        if (g.q_s) {
+          at::Tensor dq = g.dq_s[h].narrow(0, r0, rows);
+          at::mm_out(dq, s, ks);
+        }
+        if (g.k_s) dk_s.addmm_(s.t(), qs.narrow(0, r0, rows));
+        if (g.q_t) {
+          at::Tensor dq = g.dq_t[h].narrow(0, r0, rows);
+          at::mm_out(dq, t, kt);
+        }
+        if (g.k_t) dk_t.addmm_(t.t(), qt.narrow(0, r0, rows));
+      }
+    }
+  });
+  if (dk_s_parts.defined()) g.dk_s.copy_(dk_s_parts.sum(0));
+  if (dk_t_parts.defined()) g.dk_t.copy_(dk_t_parts.sum(0));
+}
+
+// Gradients in the inputs' dtypes and layouts (contiguous); zeros where none was asked for.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grads_as_inputs(const Grads& g, const at::Tensor& q_s,
+                                                                          const at::Tensor& k_s,
+                                                                          const at::Tensor& q_t,
+                                                                          const at::Tensor& k_t) {
+  auto as_input = [](const at::Tensor& grad, const at::Tensor& x) {
+    return grad.defined() ? grad.to(x.scalar_type()) : at::zeros(x.sizes(), x.options());
+  };
+  return {as_input(g.dq_s, q_s), as_input(g.dk_s, k_s), as_input(g.dq_t, q_t), as_input(g.dk_t, k_t)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_kl_cpu(const at::Tensor& q_s, const at::Tensor& k_s,
+                                                            const at::Tensor& q_t, const at::Tensor& k_t,
+                                                            bool squash_tanh, double scale, bool teacher_student) {
+  const GraphKL p = prepare(q_s, k_s, q_t, k_t, squash_tanh, scale, teacher_student);
+  at::Tensor kl = at::empty({p.heads(), p.rows()}, p.q_s.options());
+  at::Tensor lse_s = at::empty_like(kl), lse_t = at::empty_like(kl);
+  Grads none = make_grads(p, {});
+  AT_DISPATCH_FLOATING_TYPES(p.q_s.scalar_type(), "graph_kl_cpu", [&] {
+    sweep<scalar_t>(p, true, kl.data_ptr<scalar_t>(), lse_s.data_ptr<scalar_t>(), lse_t.data_ptr<scalar_t>(), nullptr,
+                    0, none);
+  });
+  return {kl, lse_s, lse_t};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_kl_backward_cpu(
+    const at::Tensor& grad_rows, const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
+    const at::Tensor& k_t, const at::Tensor& kl, const at::Tensor& lse_s, const at::Tensor& lse_t, bool squash_tanh,
+    double scale, bool teacher_student, std::array<bool, 4> grad_mask) {
+  const GraphKL p = prepare(q_s, k_s, q_t, k_t, squash_tanh, scale, teacher_student);
+  const auto acc = p.q_s.scalar_type();
+  for (const at::Tensor* stat : {&grad_rows, &kl, &lse_s, &lse_t})
+    TORCH_CHECK(stat->sizes() == at::IntArrayRef({p.heads(), p.rows()}),
+                "graph_kl_backward: row tensors must be [H, N], got ", stat->sizes());
+  const at::Tensor g_rows = grad_rows.to(acc).contiguous(), kl_c = kl.to(acc).contiguous();
+  const at::Tensor ls = lse_s.to(acc).contiguous(), lt = lse_t.to(acc).contiguous();
+  Grads g = make_grads(p, grad_mask);
+  AT_DISPATCH_FLOATING_TYPES(acc, "graph_kl_backward_cpu", [&] {
+    sweep<scalar_t>(p, false, const_cast<scalar_t*>(kl_c.data_ptr<scalar_t>()),
+                    const_cast<scalar_t*>(ls.data_ptr<scalar_t>()), const_cast<scalar_t*>(lt.data_ptr<scalar_t>()),
+                    g_rows.data_ptr<scalar_t>(), 0, g);
+  });
+  return grads_as_inputs(g, q_s, k_s, q_t, k_t);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_kl_fused_cpu(
+    const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t, bool squash_tanh,
+    double scale, bool teacher_student, bool mean, std::array<bool, 4> grad_mask) {
+  const GraphKL p = prepare(q_s, k_s, q_t, k_t, squash_tanh, scale, teacher_student);
+  const int64_t rows = p.heads() * p.rows();
+  TORCH_CHECK(!mean || rows > 0, "graph_kl: reduction='mean' needs at least one graph row");
+  at::Tensor kl = at::empty({p.heads(), p.rows()}, p.q_s.options());
+  at::Tensor lse_s = at::empty_like(kl), lse_t = at::empty_like(kl);
+  Grads g = make_grads(p, grad_mask);
+  AT_DISPATCH_FLOATING_TYPES(p.q_s.scalar_type(), "graph_kl_fused_cpu", [&] {
+    const scalar_t grad_scalar = mean ? scalar_t(1) / static_cast<scalar_t>(rows) : scalar_t(1);
+    sweep<scalar_t>(p, true, kl.data_ptr<scalar_t>(), lse_s.data_ptr<scalar_t>(), lse_t.data_ptr<scalar_t>(),
+                    nullptr, grad_scalar, g);
+  });
+  at::Tensor loss = mean ? kl.mean() : kl.sum();
+  auto [dq_s, dk_s, dq_t, dk_t] = grads_as_inputs(g, q_s, k_s, q_t, k_t);
+  return {loss, dq_s, dk_s, dq_t, dk_t};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mhgd_fast, CPU, m) {
+  m.impl("graph_kl", &graph_kl_cpu);
+  m.impl("graph_kl_backward", &graph_kl_backward_cpu);
+  m.impl("graph_kl_fused", &graph_kl_fused_cpu);
+}
+
+}  // namespace mhgd_fast

@@ -1,0 +1,27 @@
+// Row math of the fused graph-KL loss (MHGD_SPEC.md §7) on a block of graph rows held in
+// cache: `s` and `t` are [rows, cols] row-major strips of the student's and the teacher's
+// logits. Compiled twice (graph_kl_rows_avx2.cpp, graph_kl_rows_generic.cpp) into namespaces
+// named after the CPU capability; graph_kl_cpu.cpp picks one at run time.
+#pragma once
+
+#include <cstdint>
+
+#define MHGD_DECLARE_GRAPH_KL_ROWS(CAP)                                                              \
+  namespace mhgd_fast::cpu::CAP {                                                                    \
+  /* In place: x <- squash(scale * x) for both strips. */                                            \
+  template <typename T>                                                                              \
+  void squash_rows(T* s, T* t, int64_t rows, int64_t cols, T scale, bool squash_tanh);               \
+  /* Per row of the squashed strips: log-sum-exps and the KL divergence of the direction. */         \
+  template <typename T>                                                                              \
+  void kl_rows(const T* s, const T* t, int64_t rows, int64_t cols, bool teacher_student, T* kl,      \
+               T* lse_s, T* lse_t);                                                                  \
+  /* In place: the squashed strips become dL/d(q k^T) of student (s) and teacher (t), given the     \
+     row statistics and row_scale[i] = dL/dKL_i * scale. A strip not wanted is left as it is. */     \
+  template <typename T>                                                                              \
+  void kl_grad_rows(T* s, T* t, int64_t rows, int64_t cols, bool squash_tanh, bool teacher_student,  \
+                    const T* kl, const T* lse_s, const T* lse_t, const T* row_scale, bool want_s,    \
+                    bool want_t);                                                                    \
+  }
+
+MHGD_DECLARE_GRAPH_KL_ROWS(avx2)
+MHGD_DECLARE_GRAPH_KL_ROWS(generic)

@@ -1,0 +1,146 @@
+// Definitions of graph_kl_rows.h, vectorised with at::vec; included once per CPU capability by a
+// translation unit that defines MHGD_CPU_CAPABILITY (and, for AVX2, enables it first).
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "graph_kl_rows.h"
+
+namespace mhgd_fast::cpu::MHGD_CPU_CAPABILITY {
+namespace {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+template <typename T>
+T horizontal_max(const Vec<T>& v) {
+  T lanes[Vec<T>::size()];
+  v.store(lanes);
+  return *std::max_element(lanes, lanes + Vec<T>::size());
+}
+
+template <typename T>
+T horizontal_sum(const Vec<T>& v) {
+  T lanes[Vec<T>::size()];
+  v.store(lanes);
+  T sum = 0;
+  for (int l = 0; l < Vec<T>::size(); ++l) sum += lanes[l];
+  return sum;
+}
+
+template <typename T>
+T squash_scalar(T x, T scale, bool squash_tanh) {
+  return squash_tanh ? std::tanh(scale * x) : scale * x;
+}
+
+}  // namespace
+
+template <typename T>
+void squash_rows(T* s, T* t, int64_t rows, int64_t cols, T scale, bool squash_tanh) {
+  const int64_t n = rows * cols, vec_end = n - n % Vec<T>::size();
+  const Vec<T> vscale(scale);
+  for (T* x : {s, t}) {
+    int64_t j = 0;
+    for (; j < vec_end; j += Vec<T>::size()) {
+      Vec<T> v = Vec<T>::loadu(x + j) * vscale;
+      (squash_tanh ? v.tanh() : v).store(x + j);
+    }
+    for (; j < n; ++j) x[j] = squash_scalar(x[j], scale, squash_tanh);
+  }
+}
+
+template <typename T>
+void kl_rows(const T* s, const T* t, int64_t rows, int64_t cols, bool teacher_student, T* kl, T* lse_s,
+             T* lse_t) {
+  const int64_t vec_end = cols - cols % Vec<T>::size();
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* si = s + i * cols;
+    const T* ti = t + i * cols;
+    Vec<T> vmax_s(-std::numeric_limits<T>::infinity()), vmax_t = vmax_s;
+    int64_t j = 0;
+    for (; j < vec_end; j += Vec<T>::size()) {
+      vmax_s = at::vec::maximum(vmax_s, Vec<T>::loadu(si + j));
+      vmax_t = at::vec::maximum(vmax_t, Vec<T>::loadu(ti + j));
+    }
+    T max_s = horizontal_max(vmax_s), max_t = horizontal_max(vmax_t);
+    for (; j < cols; ++j) {
+      max_s = std::max(max_s, si[j]);
+      max_t = std::max(max_t, ti[j]);
+    }
+    // sum_s = Σ e^{s-max_s}, sum_t likewise; cross = Σ e^{x-max_x} (x - y) of the KL's first argument.
+    const Vec<T> vms(max_s), vmt(max_t);
+    Vec<T> vsum_s(0), vsum_t(0), vcross(0);
+    for (j = 0; j < vec_end; j += Vec<T>::size()) {
+      const Vec<T> vs = Vec<T>::loadu(si + j), vt = Vec<T>::loadu(ti + j);
+      const Vec<T> es = (vs - vms).exp(), et = (vt - vmt).exp();
+      vsum_s = vsum_s + es;
+      vsum_t = vsum_t + et;
+      vcross = teacher_student ? at::vec::fmadd(et, vt - vs, vcross) : at::vec::fmadd(es, vs - vt, vcross);
+    }
+    T sum_s = horizontal_sum(vsum_s), sum_t = horizontal_sum(vsum_t), cross = horizontal_sum(vcross);
+    for (; j < cols; ++j) {
+      const T es = std::exp(si[j] - max_s), et = std::exp(ti[j] - max_t);
+      sum_s += es;
+      sum_t += et;
+      cross += teacher_student ? et * (ti[j] - si[j]) : es * (si[j] - ti[j]);
+    }
+    lse_s[i] = max_s + std::log(sum_s);
+    lse_t[i] = max_t + std::log(sum_t);
+    // KL(P_s || P_t) = Σ P_s (s - t) + lse_t - lse_s, and symmetrically for teacher_student.
+    kl[i] = teacher_student ? cross / sum_t + lse_s[i] - lse_t[i] : cross / sum_s + lse_t[i] - lse_s[i];
+  }
+}
+
+template <typename T>
+void kl_grad_rows(T* s, T* t, int64_t rows, int64_t cols, bool squash_tanh, bool teacher_student, const T* kl,
+                  const T* lse_s, const T* lse_t, const T* row_scale, bool want_s, bool want_t) {
+  const int64_t vec_end = cols - cols % Vec<T>::size();
+  const Vec<T> one(1);
+  for (int64_t i = 0; i < rows; ++i) {
+    T* si = s + i * cols;
+    T* ti = t + i * cols;
+    const T ls = lse_s[i], lt = lse_t[i], k = kl[i], r = row_scale[i];
+    // §7: for KL(P_s||P_t), dS = P_s (l - KL), dT = P_t - P_s with l = log P_s - log P_t;
+    // for KL(P_t||P_s), dS = P_s - P_t, dT = P_t (-l - KL). Then the tanh chain and row_scale.
+    const Vec<T> vls(ls), vlt(lt), vk(k), vr(r);
+    int64_t j = 0;
+    for (; j < vec_end; j += Vec<T>::size()) {
+      const Vec<T> vs = Vec<T>::loadu(si + j), vt = Vec<T>::loadu(ti + j);
+      const Vec<T> log_ps = vs - vls, log_pt = vt - vlt;
+      const Vec<T> ps = log_ps.exp(), pt = log_pt.exp(), ell = log_ps - log_pt;
+      Vec<T> ds = teacher_student ? ps - pt : ps * (ell - vk);
+      Vec<T> dt = teacher_student ? pt * (Vec<T>(0) - ell - vk) : pt - ps;
+      if (squash_tanh) {
+        ds = ds * (one - vs * vs);
+        dt = dt * (one - vt * vt);
+      }
+      if (want_s) (ds * vr).store(si + j);
+      if (want_t) (dt * vr).store(ti + j);
+    }
+    for (; j < cols; ++j) {
+      const T vs = si[j], vt = ti[j];
+      const T ps = std::exp(vs - ls), pt = std::exp(vt - lt), ell = (vs - ls) - (vt - lt);
+      T ds = teacher_student ? ps - pt : ps * (ell - k);
+      T dt = teacher_student ? pt * (-ell - k) : pt - ps;
+      if (squash_tanh) {
+        ds *= T(1) - vs * vs;
+        dt *= T(1) - vt * vt;
+      }
+      if (want_s) si[j] = ds * r;
+      if (want_t) ti[j] = dt * r;
+    }
+  }
+}
+
+#define MHGD_INSTANTIATE_GRAPH_KL_ROWS(T)                                                              \
+  template void squash_rows<T>(T*, T*, int64_t, int64_t, T, bool);                                     \
+  template void kl_rows<T>(const T*, const T*, int64_t, int64_t, bool, T*, T*, T*);                    \
+  template void kl_grad_rows<T>(T*, T*, int64_t, int64_t, bool, bool, const T*, const T*, const T*,   \
+                                const T*, bool, bool);
+MHGD_INSTANTIATE_GRAPH_KL_ROWS(float)
+MHGD_INSTANTIATE_GRAPH_KL_ROWS(double)
+#undef MHGD_INSTANTIATE_GRAPH_KL_ROWS
+
+}  // namespace mhgd_fast::cpu::MHGD_CPU_CAPABILITY
