@@ -29,6 +29,7 @@
 #define __forceinline__ inline
 #define __shared__ static
 #define __align__(n) alignas(n)
+#define __launch_bounds__(...)
 // Dynamic shared memory: `extern static` is not C++, so kernels declare it through this macro
 // (nvcc spelling in tests/simt/README.md).
 #define MHGD_DYNAMIC_SHARED(T, name) T* name = ::simt::dynamic_shared<T>()

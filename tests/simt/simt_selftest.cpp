@@ -25,7 +25,7 @@ __global__ void indices_kernel(int* out) {
 }
 
 // One warp: each shuffle flavour, the width argument, and the votes.
-__global__ void shuffle_kernel(int* out) {
+__global__ void __launch_bounds__(32) shuffle_kernel(int* out) {
   const int lane = threadIdx.x;
   out[0 * 32 + lane] = __shfl_sync(0xffffffffu, lane * 10, 3);
   out[1 * 32 + lane] = __shfl_xor_sync(0xffffffffu, lane, 5);
