@@ -3,8 +3,7 @@
 The simulator compiles the same csrc/cuda/*.cuh headers that nvcc compiles; a planted bug must
 make the comparison fail, and nvcc's resource report must show no warnings or spills.
 """
-import os
-import shutil
+import importlib.util
 import subprocess
 import sys
 
@@ -104,3 +103,64 @@ def test_planted_bug_is_caught(attention_sim, mutant, tmp_path):
     bad = simulate_rows(buggy, "f64", "forward", s, scale=0.37, squash=True, tmp_path=tmp_path)
     assert (good - p64).abs().max() < 1e-12
     assert (bad - p64).abs().max() > 1e-6, f"the simulator did not catch the planted bug {mutant}"
+
+
+RESOURCE_SCRIPT = _simt.ROOT / "tools" / "check_cuda_resources.py"
+
+
+def _resource_check():
+    spec = importlib.util.spec_from_file_location("check_cuda_resources", RESOURCE_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+RESOURCE_CHECK = _resource_check()
+needs_nvcc = pytest.mark.skipif(RESOURCE_CHECK.find_nvcc() is None, reason="no nvcc: the ptxas resource check needs it")
+
+
+def run_resource_check(output, *headers):
+    return subprocess.run([sys.executable, str(RESOURCE_SCRIPT), "--output", str(output), *map(str, headers)],
+                          capture_output=True, text=True, timeout=300)
+
+
+@needs_nvcc
+def test_kernel_headers_compile_without_warnings_or_spills(tmp_path):
+    result = run_resource_check(tmp_path / "report.md")
+    assert result.returncode == 0, result.stderr
+    report = (tmp_path / "report.md").read_text()
+    for arch in RESOURCE_CHECK.ARCHS:
+        for kernel in ("attention_softmax_forward", "attention_softmax_backward"):
+            for t in ("float", "double"):
+                assert f"`{kernel}<{t}>` | sm_{arch} |" in report
+
+
+# The check itself must not be blind: a warning and a register spill each fail it.
+SLOPPY_HEADER = """namespace mhgd_fast { namespace cuda_kernels {
+template <typename T> __global__ void sloppy(T* x) { int unused; x[threadIdx.x] = T(1); }
+}}
+"""
+SPILLING_HEADER = """namespace mhgd_fast { namespace cuda_kernels {
+template <typename T> __global__ void __launch_bounds__(1024, 2) spilling(T* x, int n) {
+  T acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = x[i * n + threadIdx.x];
+  for (int k = 0; k < n; ++k) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = acc[i] * acc[(i + 1) & 63] + x[k];
+  }
+#pragma unroll
+  for (int i = 0; i < 64; ++i) x[i] += acc[i];
+}
+}}
+"""
+
+
+@needs_nvcc
+def test_resource_check_fails_on_warning_and_spill(tmp_path):
+    (tmp_path / "sloppy.cuh").write_text(SLOPPY_HEADER)
+    (tmp_path / "spilling.cuh").write_text(SPILLING_HEADER)
+    result = run_resource_check(tmp_path / "report.md", tmp_path / "sloppy.cuh", tmp_path / "spilling.cuh")
+    assert result.returncode != 0
+    assert "sloppy.cuh sm_80: nvcc failed or warned" in result.stderr
+    assert "spilling.cuh sm_80: spilling<float> spills" in result.stderr
