@@ -34,5 +34,10 @@ test: install
 bench: install
 	$(BIN)/pytest benchmarks --benchmark-only
 
+# nvcc resource report of the CUDA kernel headers (no GPU needed); fails on warnings or spills.
+.PHONY: cuda-check
+cuda-check: | $(BIN)/python
+	$(BIN)/python tools/check_cuda_resources.py
+
 clean:
 	rm -rf build dist *.egg-info $(VENV)
