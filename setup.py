@@ -91,7 +91,10 @@ NVCC_FLAGS = ["-O3", "-lineinfo", "-Xptxas=-warn-spills", "--Werror=all-warnings
 
 def extension():
     sources = ["csrc/mhgd_fast.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    kwargs = dict(name="mhgd_fast._C", extra_link_args=["-fopenmp"])
+    # csrc/cuda on the include path: kernel headers include <device_common.cuh> by name, so that the
+    # simulator tests can shadow it (tests/simt).
+    kwargs = dict(name="mhgd_fast._C", extra_link_args=["-fopenmp"],
+                  include_dirs=[os.path.join(ROOT, "csrc", "cuda")])
     if WITH_CUDA:
         return CUDAExtension(sources=sources + sorted(glob.glob("csrc/cuda/*.cu")),
                              define_macros=[("WITH_CUDA", None)],

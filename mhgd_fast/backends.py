@@ -15,7 +15,7 @@ from ._extension import compiled_backends
 # the reference backend only (their kernels land in later releases).
 OP_KERNELS = {
     "attention_graph": ("cpu", "cuda"),
-    "graph_kl": ("cpu",),
+    "graph_kl": ("cpu", "cuda"),
     "topk_singular_vectors": (),
 }
 

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import bench
+from . import bench, bench_scaling
 from ._extension import build_info
 from .backends import DEVICE_BACKENDS, OP_KERNELS, available_backends
 
@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
                               help="where the tensors live (default: %(default)s)")
     bench_parser.add_argument("--json", metavar="PATH",
                               help="also write the header and the results to PATH as JSON")
+    bench_parser.add_argument(
+        "--suite", choices=("ops", "graph_kl_scaling"), default="ops",
+        help="ops: every op on every backend (default); graph_kl_scaling: fused graph_kl vs the "
+             f"eager and torch.compile'd reference, fwd+bwd at H={bench_scaling.HEADS}, "
+             f"d={bench_scaling.DIM}, B in {bench_scaling.BATCHES} (+ {bench_scaling.FUSED_ONLY_BATCHES} "
+             "fused only), each in a fresh process with its extra peak memory; needs the cpu backend")
     # Argument errors found after parsing are reported with the bench subcommand's usage.
     bench_parser.set_defaults(handler=functools.partial(_bench, parser=bench_parser))
 
@@ -92,7 +98,32 @@ def _plan_jobs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Lis
     return jobs
 
 
+def _bench_scaling(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if "cpu" not in available_backends() or args.device != "cpu":
+        parser.error("--suite graph_kl_scaling measures the compiled cpu kernel: needs the cpu backend and --device cpu")
+    torch.set_num_threads(args.threads)
+    repeats = bench.QUICK if args.quick else bench.FULL
+    run_header = bench.header("cpu", repeats)
+    results = []
+    with logging_redirect_tqdm():
+        for impl, batch, count in tqdm(bench_scaling.plan(args.quick), desc="graph_kl scaling", unit="case",
+                                       file=sys.stderr):
+            log.info("graph_kl fwd+bwd, %s, B=%d, %d timed calls in a fresh process", impl, batch, count)
+            results.append(bench_scaling.measure(impl, batch, count, args.threads))
+    print(f"graph_kl fwd+bwd (sum, tanh), H={bench_scaling.HEADS}, d={bench_scaling.DIM}; "
+          f"mhgd_fast {run_header['mhgd_fast_version']}, torch {run_header['torch_version']}, "
+          f"{run_header['cpu_model']}, {args.threads} threads, {run_header['timestamp']}; median and min–max "
+          "after one warm-up; extra peak = peak RSS during the timed calls minus RSS before them.")
+    print()
+    print(bench_scaling.format_markdown(results))
+    if args.json:
+        bench_scaling.write_json(args.json, run_header, results)
+    return 0
+
+
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.suite == "graph_kl_scaling":
+        return _bench_scaling(args, parser)
     jobs = _plan_jobs(args, parser)
     torch.set_num_threads(args.threads)
     repeats = bench.QUICK if args.quick else bench.FULL

@@ -148,7 +148,7 @@ def test_stage1_loss_decreases_on_fixed_problem():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
 
 

@@ -96,7 +96,7 @@ def main():
             tu = Path(tmp) / f"{header.stem}_check.cu"
             tu.write_text(source)
             for arch in ARCHS:
-                cmd = [args.nvcc, "-c", *flags, f"-gencode=arch=compute_{arch},code=sm_{arch}", str(tu),
+                cmd = [args.nvcc, "-c", *flags, f"-I{KERNEL_DIR}", f"-gencode=arch=compute_{arch},code=sm_{arch}", str(tu),
                        "-o", str(Path(tmp) / "out.o")]
                 result = subprocess.run(cmd, capture_output=True, text=True)
                 report = result.stdout + result.stderr

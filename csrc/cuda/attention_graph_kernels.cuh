@@ -5,55 +5,10 @@
 
 #include <cstdint>
 
+#include <device_common.cuh>
+
 namespace mhgd_fast {
 namespace cuda_kernels {
-
-constexpr unsigned kFullMask = 0xffffffffu;
-
-__device__ __forceinline__ float dev_exp(float x) { return expf(x); }
-__device__ __forceinline__ double dev_exp(double x) { return exp(x); }
-__device__ __forceinline__ float dev_tanh(float x) { return tanhf(x); }
-__device__ __forceinline__ double dev_tanh(double x) { return tanh(x); }
-
-template <typename T>
-__device__ __forceinline__ T neg_infinity() {
-  return -static_cast<T>(INFINITY);
-}
-
-struct MaxOp {
-  template <typename T>
-  __device__ __forceinline__ T operator()(T a, T b) const { return a > b ? a : b; }
-};
-struct SumOp {
-  template <typename T>
-  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
-};
-
-template <typename T, typename Op>
-__device__ __forceinline__ T warp_reduce(T v, Op op) {
-  for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(kFullMask, v, offset));
-  return v;
-}
-
-// Reduces v over the block; every thread gets the result. `scratch` holds 32 values and is free
-// again on return.
-template <typename T, typename Op>
-__device__ T block_reduce(T v, Op op, T identity, T* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int warps = (blockDim.x + 31) >> 5;
-  v = warp_reduce(v, op);
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    T w = lane < warps ? scratch[lane] : identity;
-    w = warp_reduce(w, op);
-    if (lane == 0) scratch[0] = w;
-  }
-  __syncthreads();
-  const T result = scratch[0];
-  __syncthreads();
-  return result;
-}
 
 // In place: row <- squash(scale * row) for this thread's columns; returns the block's row max.
 template <typename T>

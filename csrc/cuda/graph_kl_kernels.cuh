@@ -1,0 +1,197 @@
+// Device code of the fused graph-KL loss (MHGD_SPEC.md §7). No torch includes (§11).
+//
+// One warp owns one graph row (forward, dq) or one graph column (dk) and streams over the other
+// side, recomputing the logits s = scale q_i.k_j and t likewise; the [H, N, M] graphs never exist.
+//  * graph_kl_forward:        per row, online max/sum statistics (FlashAttention's rescaling) held
+//                             per lane, merged across the warp: KL_i, lse_s, lse_t. One launch.
+//  * graph_kl_backward_rows:  per row i, dq_i = sum_j dZ_ij k_j (student and/or teacher).
+//  * graph_kl_backward_cols:  per column j, dk_j = sum_i dZ_ij q_i. Every dk row is written by one
+//                             warp in a fixed order, so the backward is deterministic (no atomics).
+// A block holds kWarps warps; dynamic shared memory holds, per warp, the owned q (or k) vectors of
+// student and teacher and, in the backward, their gradient accumulators (4 * dim values).
+#pragma once
+
+#include <cstdint>
+
+#include <device_common.cuh>
+
+namespace mhgd_fast {
+namespace cuda_kernels {
+
+constexpr int kGraphKLWarps = 4;
+
+template <typename T>
+struct GraphKLArgs {
+  const T* q_s;  // [H, N, dim], contiguous
+  const T* k_s;  // [H, M, dim]
+  const T* q_t;
+  const T* k_t;
+  int64_t heads, rows, cols, dim;
+  T scale;
+  bool squash_tanh;
+  bool teacher_student;  // false: KL(P_s || P_t) (the paper's); true: KL(P_t || P_s)
+  T* kl;                 // [H, N] row statistics: written by the forward, read by the backward
+  T* lse_s;
+  T* lse_t;
+  const T* row_grad;  // dL/dKL_i per row, or null: grad_scalar for every row
+  T grad_scalar;
+};
+
+// Dynamic shared memory a launch of these kernels needs.
+inline int64_t graph_kl_shared_bytes(int64_t dim, int64_t elem_size) { return kGraphKLWarps * 4 * dim * elem_size; }
+
+template <typename T>
+__device__ __forceinline__ T squash(T x, T scale, bool squash_tanh) {
+  return squash_tanh ? dev_tanh(scale * x) : scale * x;
+}
+
+// a (shared) . b (global), both of length dim.
+template <typename T>
+__device__ __forceinline__ T dot(const T* a, const T* __restrict__ b, int64_t dim) {
+  T acc = 0;
+  for (int64_t k = 0; k < dim; ++k) acc += a[k] * b[k];
+  return acc;
+}
+
+// The warp's lanes copy `dim` values from global to shared (lane-strided).
+template <typename T>
+__device__ __forceinline__ void load_vector(T* dst, const T* __restrict__ src, int64_t dim, int lane) {
+  for (int64_t k = lane; k < dim; k += 32) dst[k] = src[k];
+}
+
+// Online log-sum-exp state of one lane: max, sum of exp(x - max) and the KL cross term
+// sum exp(x - max) (x - y) of the KL's first argument.
+template <typename T>
+struct OnlineStats {
+  T max_s, sum_s, max_t, sum_t, cross;
+};
+
+template <typename T>
+__device__ __forceinline__ void online_update(OnlineStats<T>& st, T s, T t, bool teacher_student) {
+  const T new_max_s = st.max_s > s ? st.max_s : s, new_max_t = st.max_t > t ? st.max_t : t;
+  const T rescale_s = dev_exp(st.max_s - new_max_s), rescale_t = dev_exp(st.max_t - new_max_t);
+  const T es = dev_exp(s - new_max_s), et = dev_exp(t - new_max_t);
+  st.sum_s = st.sum_s * rescale_s + es;
+  st.sum_t = st.sum_t * rescale_t + et;
+  st.cross = teacher_student ? st.cross * rescale_t + et * (t - s) : st.cross * rescale_s + es * (s - t);
+  st.max_s = new_max_s;
+  st.max_t = new_max_t;
+}
+
+template <typename T>
+__global__ void graph_kl_forward(const GraphKLArgs<T> a) {
+  MHGD_DYNAMIC_SHARED(T, shared);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kGraphKLWarps + warp;  // over H * N
+  if (row >= a.heads * a.rows) return;  // whole warps leave; no block-wide barrier follows
+  const int64_t h = row / a.rows;
+  T* qs = shared + warp * 4 * a.dim;
+  T* qt = qs + a.dim;
+  load_vector(qs, a.q_s + row * a.dim, a.dim, lane);
+  load_vector(qt, a.q_t + row * a.dim, a.dim, lane);
+  __syncwarp();
+  OnlineStats<T> st{neg_infinity<T>(), T(0), neg_infinity<T>(), T(0), T(0)};
+  for (int64_t j = lane; j < a.cols; j += 32) {
+    const int64_t col = (h * a.cols + j) * a.dim;
+    const T s = squash(dot(qs, a.k_s + col, a.dim), a.scale, a.squash_tanh);
+    const T t = squash(dot(qt, a.k_t + col, a.dim), a.scale, a.squash_tanh);
+    online_update(st, s, t, a.teacher_student);
+  }
+  // Merge the lanes: rescale each lane's sums to the warp's maxima (lanes with no column hold
+  // max = -inf and contribute exp(-inf) = 0).
+  const T max_s = warp_reduce(st.max_s, MaxOp()), max_t = warp_reduce(st.max_t, MaxOp());
+  const T first_max = a.teacher_student ? st.max_t : st.max_s;
+  const T first_warp_max = a.teacher_student ? max_t : max_s;
+  const T sum_s = warp_reduce(st.sum_s * dev_exp(st.max_s - max_s), SumOp());
+  const T sum_t = warp_reduce(st.sum_t * dev_exp(st.max_t - max_t), SumOp());
+  const T cross = warp_reduce(st.cross * dev_exp(first_max - first_warp_max), SumOp());
+  if (lane == 0) {
+    const T lse_s = max_s + dev_log(sum_s), lse_t = max_t + dev_log(sum_t);
+    a.lse_s[row] = lse_s;
+    a.lse_t[row] = lse_t;
+    a.kl[row] = a.teacher_student ? cross / sum_t + lse_s - lse_t : cross / sum_s + lse_t - lse_s;
+  }
+}
+
+// dL/d(q k^T) of student (ds) and teacher (dt) at one element, §7, from the squashed logits and
+// the row's statistics; r = dL/dKL_i * scale.
+template <typename T>
+__device__ __forceinline__ void element_grads(T s, T t, T lse_s, T lse_t, T kl, T r, bool squash_tanh,
+                                              bool teacher_student, T& ds, T& dt) {
+  const T log_ps = s - lse_s, log_pt = t - lse_t;
+  const T ps = dev_exp(log_ps), pt = dev_exp(log_pt), ell = log_ps - log_pt;
+  ds = teacher_student ? ps - pt : ps * (ell - kl);
+  dt = teacher_student ? pt * (-ell - kl) : pt - ps;
+  if (squash_tanh) {
+    ds *= T(1) - s * s;
+    dt *= T(1) - t * t;
+  }
+  ds *= r;
+  dt *= r;
+}
+
+// One warp owns vector `own` (a row i of q, or a column j of k) and streams over the other side
+// in chunks of 32 (one element per lane); accumulates grad_own += sum dZ * other_vector.
+template <typename T, bool kColumns>
+__device__ void backward_sweep(const GraphKLArgs<T>& a, T* __restrict__ grad_s, T* __restrict__ grad_t) {
+  MHGD_DYNAMIC_SHARED(T, shared);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t own_count = kColumns ? a.cols : a.rows, other_count = kColumns ? a.rows : a.cols;
+  const int64_t own = static_cast<int64_t>(blockIdx.x) * kGraphKLWarps + warp;  // over H * own_count
+  if (own >= a.heads * own_count) return;
+  const int64_t h = own / own_count;
+  const T* own_s = kColumns ? a.k_s : a.q_s;
+  const T* own_t = kColumns ? a.k_t : a.q_t;
+  const T* other_s = kColumns ? a.q_s : a.k_s;
+  const T* other_t = kColumns ? a.q_t : a.k_t;
+  T* vs = shared + warp * 4 * a.dim;
+  T* vt = vs + a.dim;
+  T* acc_s = vt + a.dim;
+  T* acc_t = acc_s + a.dim;
+  load_vector(vs, own_s + own * a.dim, a.dim, lane);
+  load_vector(vt, own_t + own * a.dim, a.dim, lane);
+  for (int64_t k = lane; k < a.dim; k += 32) acc_s[k] = acc_t[k] = T(0);
+  __syncwarp();
+  for (int64_t base = 0; base < other_count; base += 32) {
+    const int64_t mine = base + lane;  // the other-side index this lane evaluates
+    T ds = 0, dt = 0;
+    if (mine < other_count) {
+      const int64_t other = (h * other_count + mine) * a.dim;
+      const T s = squash(dot(vs, other_s + other, a.dim), a.scale, a.squash_tanh);
+      const T t = squash(dot(vt, other_t + other, a.dim), a.scale, a.squash_tanh);
+      const int64_t stat = kColumns ? h * a.rows + mine : own;  // the graph row of this element
+      const T r = (a.row_grad ? a.row_grad[stat] : a.grad_scalar) * a.scale;
+      element_grads(s, t, a.lse_s[stat], a.lse_t[stat], a.kl[stat], r, a.squash_tanh, a.teacher_student, ds, dt);
+    }
+    // Broadcast each lane's element in turn; lane l accumulates the features k = l (mod 32).
+    const int64_t chunk = other_count - base < 32 ? other_count - base : 32;
+    for (int src = 0; src < 32; ++src) {
+      const T ds_src = __shfl_sync(kFullMask, ds, src), dt_src = __shfl_sync(kFullMask, dt, src);
+      if (src >= chunk) continue;  // uniform across the warp: the shuffles above stay converged
+      const int64_t other = (h * other_count + base + src) * a.dim;
+      for (int64_t k = lane; k < a.dim; k += 32) {
+        acc_s[k] += ds_src * other_s[other + k];
+        acc_t[k] += dt_src * other_t[other + k];
+      }
+    }
+  }
+  for (int64_t k = lane; k < a.dim; k += 32) {
+    if (grad_s) grad_s[own * a.dim + k] = acc_s[k];
+    if (grad_t) grad_t[own * a.dim + k] = acc_t[k];
+  }
+}
+
+// dq_s, dq_t ([H, N, dim]; either may be null).
+template <typename T>
+__global__ void graph_kl_backward_rows(const GraphKLArgs<T> a, T* dq_s, T* dq_t) {
+  backward_sweep<T, false>(a, dq_s, dq_t);
+}
+
+// dk_s, dk_t ([H, M, dim]; either may be null).
+template <typename T>
+__global__ void graph_kl_backward_cols(const GraphKLArgs<T> a, T* dk_s, T* dk_t) {
+  backward_sweep<T, true>(a, dk_s, dk_t);
+}
+
+}  // namespace cuda_kernels
+}  // namespace mhgd_fast

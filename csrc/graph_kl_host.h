@@ -1,0 +1,60 @@
+// Host-side pieces of the graph_kl kernels shared by the CPU and CUDA implementations: inputs
+// prepared in the accumulation dtype, and the gradients each pass is asked for.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <tuple>
+
+#include "mhgd_fast.h"
+
+namespace mhgd_fast {
+
+// Inputs in the accumulation dtype, contiguous, with the options shared by every pass.
+struct GraphKL {
+  at::Tensor q_s, k_s, q_t, k_t;
+  bool squash_tanh;
+  double scale;
+  bool teacher_student;
+  int64_t heads() const { return q_s.size(0); }
+  int64_t rows() const { return q_s.size(1); }
+  int64_t cols() const { return k_s.size(1); }
+};
+
+inline GraphKL prepare(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t,
+                bool squash_tanh, double scale, bool teacher_student) {
+  check_graph_kl_inputs(q_s, k_s, q_t, k_t);
+  // Detached: the kernels' own ATen calls must not be recorded (or refused) by autograd.
+  const auto acc = accumulate_type(q_s.scalar_type());
+  auto ready = [acc](const at::Tensor& x) { return x.detach().to(acc).contiguous(); };
+  return {ready(q_s), ready(k_s), ready(q_t), ready(k_t), squash_tanh, scale, teacher_student};
+}
+
+// Which gradients a sweep produces (tensors allocated only for those).
+struct Grads {
+  at::Tensor dq_s, dk_s, dq_t, dk_t;
+  bool q_s, k_s, q_t, k_t;
+  bool student() const { return q_s || k_s; }
+  bool teacher() const { return q_t || k_t; }
+  bool any() const { return student() || teacher(); }
+};
+
+inline Grads make_grads(const GraphKL& p, const std::array<bool, 4>& mask) {
+  auto zeros_if = [](bool wanted, const at::Tensor& x) { return wanted ? at::zeros_like(x) : at::Tensor(); };
+  return {zeros_if(mask[0], p.q_s), zeros_if(mask[1], p.k_s), zeros_if(mask[2], p.q_t), zeros_if(mask[3], p.k_t),
+          mask[0], mask[1], mask[2], mask[3]};
+}
+
+// Gradients in the inputs' dtypes and layouts (contiguous); zeros where none was asked for.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grads_as_inputs(const Grads& g, const at::Tensor& q_s,
+                                                                          const at::Tensor& k_s,
+                                                                          const at::Tensor& q_t,
+                                                                          const at::Tensor& k_t) {
+  auto as_input = [](const at::Tensor& grad, const at::Tensor& x) {
+    return grad.defined() ? grad.to(x.scalar_type()) : at::zeros(x.sizes(), x.options());
+  };
+  return {as_input(g.dq_s, q_s), as_input(g.dk_s, k_s), as_input(g.dq_t, q_t), as_input(g.dk_t, k_t)};
+}
+
+}  // namespace mhgd_fast

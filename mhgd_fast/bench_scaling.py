@@ -1,0 +1,121 @@
+"""Graph-KL at growing batch sizes: the fused kernel against the eager reference and against
+``torch.compile`` of the reference, forward+backward, time and extra peak memory.
+
+Every (implementation, B) is measured in a fresh subprocess: the peak memory is the process's
+peak resident set during the timed calls minus its resident set just before them (Linux
+``/proc/self/clear_refs`` resets the peak), so compilation, imports and other cases never count.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+HEADS, DIM = 8, 96
+BATCHES = (128, 1024, 4096)
+FUSED_ONLY_BATCHES = (16384,)
+IMPLEMENTATIONS = ("fused", "eager", "compiled")
+
+
+@dataclass(frozen=True)
+class ScalingResult:
+    impl: str
+    batch: int
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    repeats: int
+    extra_peak_mib: float
+    gemm_gflop: float  # the four B²·d products per head that any exact method needs
+    threads: int
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="utf-8") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def loss_fn(impl: str):
+    import mhgd_fast as mf
+
+    if impl == "fused":
+        return lambda *t: mf.ops.graph_kl(*t, backend="cpu")
+    eager = lambda *t: mf.reference.graph_kl(*t, "tanh", 1.0, "student_teacher", "sum")  # noqa: E731
+    return eager if impl == "eager" else torch.compile(eager, fullgraph=True)
+
+
+def measure_in_this_process(impl: str, batch: int, repeats: int, threads: int) -> ScalingResult:
+    """Times ``repeats`` fwd+bwd calls after one warm-up (which also compiles)."""
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(HEADS, batch, DIM, generator=gen) / DIM ** 0.25 for _ in range(4)]
+    for t in inputs[:2]:
+        t.requires_grad_()
+    loss = loss_fn(impl)
+
+    def step():
+        for t in inputs[:2]:
+            t.grad = None
+        loss(*inputs).backward()
+
+    step()
+    with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+        f.write("5")  # peak RSS := current RSS
+    before = _rss_kib("VmRSS")
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        samples.append((time.perf_counter() - start) * 1e3)
+    extra = (_rss_kib("VmHWM") - before) / 1024
+    return ScalingResult(impl, batch, statistics.median(samples), min(samples), max(samples), repeats,
+                         extra, 4 * 2 * HEADS * batch * batch * DIM / 1e9, torch.get_num_threads())
+
+
+def measure(impl: str, batch: int, repeats: int, threads: int) -> ScalingResult:
+    """:func:`measure_in_this_process` in a fresh interpreter."""
+    code = ("import json, sys; from dataclasses import asdict; from mhgd_fast import bench_scaling as b; "
+            f"print(json.dumps(asdict(b.measure_in_this_process({impl!r}, {batch}, {repeats}, {threads}))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.sep)
+    if done.returncode != 0:
+        raise RuntimeError(f"{impl} B={batch} failed:\n{done.stderr}")
+    return ScalingResult(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def plan(quick: bool) -> List[tuple]:
+    """(impl, batch, repeats) in run order; the largest sizes get fewer repeats."""
+    jobs = []
+    for batch in BATCHES:
+        repeats = 3 if quick or batch >= 4096 else 7
+        jobs += [(impl, batch, repeats) for impl in IMPLEMENTATIONS]
+    jobs += [("fused", batch, 1 if quick else 3) for batch in FUSED_ONLY_BATCHES]
+    return jobs
+
+
+def format_markdown(results: Sequence[ScalingResult]) -> str:
+    """The table, with each implementation's speed-up of the fused op at the same B."""
+    by_key = {(r.impl, r.batch): r for r in results}
+    lines = ["| B | impl | median ms | min–max ms | GEMM GFLOP/s | fused speed-up | extra peak MiB |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        fused: Optional[ScalingResult] = by_key.get(("fused", r.batch))
+        speedup = f"{r.median_ms / fused.median_ms:.2f}×" if fused and r.impl != "fused" else "—"
+        lines.append(f"| {r.batch} | {r.impl} | {r.median_ms:.1f} | {r.min_ms:.1f}–{r.max_ms:.1f} "
+                     f"| {r.gemm_gflop / (r.median_ms / 1e3):.1f} | {speedup} | {r.extra_peak_mib:.1f} |")
+    return "\n".join(lines)
+
+
+def write_json(path: str, header: dict, results: Sequence[ScalingResult]) -> None:
+    with open(path, "w", encoding="utf-8") as out:
+        json.dump({"header": header, "results": [asdict(r) for r in results]}, out, indent=2)
+        out.write("\n")
