@@ -38,12 +38,32 @@ def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+class _GatherColumns(torch.autograd.Function):
+    """All-gather along dim 1; the backward sums every process's gradient of the gathered tensor
+    and keeps this process's slice. (``torch.distributed.nn.functional.all_gather`` gave wrong
+    gradients on gloo here, through its all-to-all emulation; ``tests/test_ddp.py`` checks this.)"""
+
+    @staticmethod
+    def forward(ctx, k):
+        parts = [torch.empty_like(k) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, k.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), k.shape[1]
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[:, ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def all_gather_columns(k: torch.Tensor) -> torch.Tensor:
     """``[H, N, d]`` local keys → ``[H, world·N, d]`` keys of every process, in rank order, with
-    gradient (the backward sums every process's gradient for this process's keys)."""
+    gradient: this process's keys get the sum of every process's gradient for them. Every
+    process must pass the same N."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return k
-    return torch.cat(torch.distributed.nn.functional.all_gather(k.contiguous()), dim=1)
+    return _GatherColumns.apply(k)
 
 
 def all_reduce_grads(grads: List[Optional[torch.Tensor]], params, average: bool) -> List[torch.Tensor]:
