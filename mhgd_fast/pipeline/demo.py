@@ -1,6 +1,6 @@
 """``mhgd-fast demo``: the whole method in a few minutes on the built-in synthetic dataset.
 
-Small networks (a ResNet-20 teacher and a ResNet-8 student at half width, 8/16/32 channels),
+Small networks (a ResNet-14 teacher and a ResNet-8 student at half width, 8/16/32 channels),
 few epochs; the learning rates and the rest of the recipe are the authors'.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ __all__ = ["demo_config", "run_demo"]
 
 
 def demo_config(run_dir: str = "runs/demo", **overrides) -> PipelineConfig:
-    values = dict(run_dir=run_dir, dataset="synthetic", synthetic_train=4000, synthetic_test=2000,
-                  teacher="resnet20", student="resnet8", teacher_width=0.5, student_width=0.5,
-                  batch_size=64, teacher_epochs=8, student_epochs=8, stage1_epochs=2, heads=4)
+    values = dict(run_dir=run_dir, dataset="synthetic", synthetic_train=3000, synthetic_test=1000,
+                  teacher="resnet14", student="resnet8", teacher_width=0.5, student_width=0.5,
+                  batch_size=64, teacher_epochs=10, student_epochs=10, stage1_epochs=2, heads=4)
     values.update(overrides)
     return PipelineConfig(**values)
 
