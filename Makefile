@@ -1,4 +1,4 @@
-# `make run`: set up (venv, torch, build) and run the main job. `make test`: set up and run the tests.
+# `make run`: set up (venv, torch, build) and run the main job, `mhgd-fast demo` (a few minutes). `make test`: set up and run the tests.
 # CI runs `make test` with FORCE_CUDA=1 so the CUDA kernels are compiled too (see README).
 PYTHON ?= python3
 VENV ?= .venv
@@ -26,7 +26,7 @@ install: setup
 	cd / && $(CURDIR)/$(BIN)/python -c "import mhgd_fast as mf; print('mhgd_fast', mf.__version__, 'backends:', mf.available_backends(), 'compiled:', mf.build_info()['compiled_backends'])"
 
 run: install
-	$(BIN)/mhgd-fast bench --quick
+	$(BIN)/mhgd-fast demo
 
 test: install
 	MHGD_REQUIRE_EXTENSION=1 $(BIN)/pytest tests

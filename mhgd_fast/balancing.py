@@ -10,7 +10,7 @@ optimiser's own ``weight_decay`` (SGD adds ``wd·w`` before momentum, as the aut
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -37,13 +37,18 @@ def clip_by_norm(t: torch.Tensor, max_norm: torch.Tensor) -> torch.Tensor:
 
 def balanced_backward(ce_loss: torch.Tensor, transfer_loss: torch.Tensor,
                       params: Iterable[torch.nn.Parameter], epoch: float, init_epoch: float,
-                      retain_graph: Optional[bool] = None) -> dict:
+                      retain_graph: Optional[bool] = None,
+                      reduce_grads: Optional[Callable] = None) -> dict:
     """Accumulate the balanced gradient of ``ce_loss`` and ``transfer_loss`` into ``p.grad``.
 
     Two backward passes over the shared graph give the CE and transfer gradients separately; each
     parameter's transfer gradient is clipped to ``‖g_ce‖ · σ(epoch − init_epoch)``. Parameters
     the CE loss does not reach get no transfer gradient either (their cap is 0). Returns the summed
     norms ``{"ce": …, "transfer": …, "transfer_clipped": …, "factor": …}`` for logging.
+
+    ``reduce_grads(kind, grads)`` (``kind`` is ``"ce"`` or ``"transfer"``), when given, replaces
+    each gradient list before clipping; data-parallel training passes a cross-process all-reduce
+    so the clip compares the global CE and transfer gradients.
     """
     params = [p for p in params if p.requires_grad]
     factor = transfer_clip_factor(epoch, init_epoch)
@@ -52,6 +57,9 @@ def balanced_backward(ce_loss: torch.Tensor, transfer_loss: torch.Tensor,
         g_tr = torch.autograd.grad(transfer_loss, params, retain_graph=retain_graph, allow_unused=True)
     else:
         g_tr = (None,) * len(params)
+    if reduce_grads is not None:
+        g_ce = reduce_grads("ce", g_ce)
+        g_tr = reduce_grads("transfer", g_tr)
     sq = {"ce": [], "transfer": [], "transfer_clipped": []}  # squared norms, summed once at the end
     for p, gc, gt in zip(params, g_ce, g_tr):
         gc = torch.zeros_like(p) if gc is None else gc

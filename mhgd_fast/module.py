@@ -7,7 +7,7 @@ statistics and never changes the module.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -173,10 +173,15 @@ class MHGD(nn.Module):
             loss = loss + weight_decay * sum(p.pow(2).sum() for p in self.parameters())
         return loss
 
-    def forward(self, student_feats, teacher_feats) -> torch.Tensor:
+    def forward(self, student_feats, teacher_feats, *,
+                gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
         """Stage-2 transfer loss (§6): Σ_pairs graph_kl(student ‖ teacher) through the frozen
         heads. Gradients reach ``student_feats`` only; the module's parameters and BN statistics
-        are neither trained nor updated."""
+        are neither trained nor updated.
+
+        ``gather`` maps the local column keys ``[H, N, d]`` to the keys of every column of the
+        graph ``[H, M, d]`` (e.g. :func:`mhgd_fast.distributed.all_gather_columns` for a graph
+        over the global batch); rows stay local, so each process sums the KL of its own rows."""
         self._check_feats("student_feats", student_feats)
         self._check_feats("teacher_feats", teacher_feats)
         if student_feats[0].shape[0] != teacher_feats[0].shape[0]:
@@ -190,6 +195,8 @@ class MHGD(nn.Module):
             q_s, k_s = pair.queries_keys(v_s[m], v_s[m + 1], frozen=True)
             with torch.no_grad():
                 q_t, k_t = pair.queries_keys(v_t[m], v_t[m + 1], frozen=True)
+            if gather is not None:
+                k_s, k_t = gather(k_s), gather(k_t)
             loss = loss + ops.graph_kl(q_s, k_s, q_t, k_t, squash=self.squash, scale=self.scale,
                                        direction="student_teacher", reduction=self.reduction,
                                        backend=self.backend)

@@ -1,0 +1,226 @@
+"""One training phase, run like real training software: progress bar, metrics, a checkpoint
+every epoch that resumes exactly, Ctrl-C that stops at a step boundary with a resumable
+checkpoint, and a clear stop on a NaN/Inf loss (the last good checkpoint is kept)."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from ..data import BatchLoader
+from . import checkpoint
+from .records import MetricsCSV, RunLog, plot_curves
+
+__all__ = ["Phase", "RunContext", "run_phase", "evaluate", "NonFiniteLossError", "TrainingInterrupted"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or Inf; the run stopped before applying that step."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C: the run stopped at a step boundary after writing a resumable checkpoint."""
+
+
+@dataclass
+class Phase:
+    """What a phase trains and how one step goes.
+
+    ``forward(epoch, x, y) -> (logits or None, {name: loss})``: the runner checks every loss is
+    finite, then calls ``update(epoch, losses)`` (backward + optimiser step).
+    """
+    name: str
+    model_name: str
+    epochs: int
+    modules: Dict[str, nn.Module]
+    optimizer: torch.optim.Optimizer
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler]
+    forward: Callable
+    update: Callable
+    train_mode: Callable[[], None]
+    evaluate: Optional[Callable[[], Tuple[float, float]]] = None
+
+
+@dataclass
+class RunContext:
+    run_dir: str
+    log: RunLog
+    metrics: MetricsCSV
+    config: dict
+    main: bool = True
+    progress: bool = True
+    callbacks: Sequence[Callable] = field(default_factory=tuple)  # on_step(phase, epoch, step)
+
+    def checkpoint_path(self, phase: str) -> str:
+        return os.path.join(self.run_dir, "checkpoints", f"{phase}.pt")
+
+
+def evaluate(model: nn.Module, loader: BatchLoader) -> Tuple[float, float]:
+    """(mean cross-entropy, top-1 %) of ``model`` in eval mode over the whole of ``loader``."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for x, y in loader.batches():
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            count += y.numel()
+    model.train(was_training)
+    return loss_sum / count, 100.0 * correct / count
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every process when it is true on any (keeps the processes in step)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class _StopOnSigint:
+    """First Ctrl-C: ask the loop to stop after the current step. Second: abort at once."""
+
+    def __init__(self, log: RunLog):
+        self.requested, self.log, self._previous = False, log, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log("Ctrl-C: stopping after this step and writing a checkpoint (Ctrl-C again aborts at once)")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _save(ctx: RunContext, phase: Phase, position: dict, finished: bool = False) -> None:
+    if ctx.main:
+        state = {"phase": phase.name, "finished": finished, "config": ctx.config, **position,
+                 "modules": {k: m.state_dict() for k, m in phase.modules.items()},
+                 "optimizer": phase.optimizer.state_dict(),
+                 "scheduler": phase.scheduler.state_dict() if phase.scheduler else None,
+                 "rng": checkpoint.rng_state()}
+        checkpoint.save_atomic(state, ctx.checkpoint_path(phase.name))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _restore(phase: Phase, state: dict) -> None:
+    for key, module in phase.modules.items():
+        module.load_state_dict(state["modules"][key])
+    phase.optimizer.load_state_dict(state["optimizer"])
+    if phase.scheduler is not None:
+        phase.scheduler.load_state_dict(state["scheduler"])
+    checkpoint.set_rng_state(state["rng"])
+
+
+def _fresh_totals() -> dict:
+    return {"loss": 0.0, "transfer": 0.0, "correct": 0, "count": 0, "steps": 0, "seconds": 0.0}
+
+
+def run_phase(phase: Phase, loader: BatchLoader, ctx: RunContext) -> dict:
+    """Train ``phase`` to the end (resuming from its checkpoint if there is one); return its summary."""
+    path = ctx.checkpoint_path(phase.name)
+    epoch, step, totals, summary = 0, 0, _fresh_totals(), {"best_test_acc": float("nan"), "seconds": 0.0}
+    if os.path.exists(path):
+        state = checkpoint.load(path)
+        _restore(phase, state)
+        if state["finished"]:
+            ctx.log(f"[{phase.name}] finished earlier; loaded {path}")
+            return state["summary"]
+        epoch, step, totals, summary = state["epoch"], state["step"], state["totals"], state["summary"]
+        ctx.log(f"[{phase.name}] resuming from {path} at epoch {epoch + 1}, step {step}")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    ctx.metrics.truncate(phase.name, epoch)
+    with _StopOnSigint(ctx.log) as stop:
+        while epoch < phase.epochs:
+            phase.train_mode()
+            lr = phase.optimizer.param_groups[0]["lr"]
+            bar = tqdm(total=len(loader), initial=step, desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
+                       disable=not (ctx.progress and ctx.main), leave=False, dynamic_ncols=True)
+            tick = time.perf_counter()
+            for x, y in loader.batches(epoch, step):
+                if _any_rank(stop.requested):
+                    totals["seconds"] += time.perf_counter() - tick
+                    bar.close()
+                    _save(ctx, phase, {"epoch": epoch, "step": step, "totals": totals, "summary": summary})
+                    raise TrainingInterrupted(
+                        f"[{phase.name}] interrupted at epoch {epoch + 1}, step {step}; checkpoint {path}. "
+                        f"Run the same command again to resume.")
+                logits, losses = phase.forward(epoch, x, y)
+                bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v.detach()))}
+                if _any_rank(bool(bad)):
+                    bar.close()
+                    kept = path if os.path.exists(path) else "none (failed in the first epoch)"
+                    raise NonFiniteLossError(
+                        f"[{phase.name}] non-finite loss at epoch {epoch + 1}, step {step}: {bad or 'on another process'}. "
+                        f"The step was not applied; the last good checkpoint is {kept}. Lower the learning "
+                        f"rate or check the data, then resume.")
+                phase.update(epoch, losses)
+                step += 1
+                n = y.numel()
+                totals["loss"] += float(sum(losses.values()).detach()) * n
+                totals["transfer"] += float(losses["transfer"].detach()) * n if "transfer" in losses else 0.0
+                totals["count"] += n
+                totals["steps"] += 1
+                if logits is not None:
+                    totals["correct"] += int((logits.argmax(1) == y.to(logits.device)).sum())
+                elapsed = totals["seconds"] + time.perf_counter() - tick
+                postfix = {"loss": f"{totals['loss'] / totals['count']:.3f}",
+                           "img/s": f"{totals['count'] * world / max(elapsed, 1e-9):.0f}"}
+                if logits is not None:
+                    postfix["acc"] = f"{100 * totals['correct'] / totals['count']:.1f}"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+                for callback in ctx.callbacks:
+                    callback(phase.name, epoch, step)
+            bar.close()
+            totals["seconds"] += time.perf_counter() - tick
+            if phase.scheduler is not None:
+                phase.scheduler.step()
+            row = {"phase": phase.name, "epoch": epoch, "lr": lr,
+                   "train_loss": totals["loss"] / totals["count"],
+                   "images_per_s": totals["count"] * world / max(totals["seconds"], 1e-9),
+                   "seconds": totals["seconds"]}
+            if "transfer" in losses:
+                row["transfer_loss"] = totals["transfer"] / totals["count"]
+            if logits is not None:
+                row["train_acc"] = 100 * totals["correct"] / totals["count"]
+            message = f"[{phase.name}] epoch {epoch + 1}/{phase.epochs} loss {row['train_loss']:.4f}"
+            if phase.evaluate is not None:
+                row["test_loss"], row["test_acc"] = phase.evaluate()
+                summary["final_test_acc"] = row["test_acc"]
+                best = summary["best_test_acc"]
+                summary["best_test_acc"] = row["test_acc"] if math.isnan(best) else max(best, row["test_acc"])
+                message += f" | train acc {row.get('train_acc', float('nan')):.2f} test acc {row['test_acc']:.2f}"
+            summary["seconds"] += totals["seconds"]
+            ctx.log(f"{message} | {row['images_per_s']:.0f} img/s, {totals['seconds']:.1f} s")
+            if ctx.main:
+                ctx.metrics.append(row)
+                plot_curves(ctx.metrics.rows(), phase.name, os.path.join(ctx.run_dir, "plots", f"{phase.name}.png"))
+            epoch, step, totals = epoch + 1, 0, _fresh_totals()
+            _save(ctx, phase, {"epoch": epoch, "step": 0, "totals": totals, "summary": summary})
+    summary.update(model=phase.model_name, epochs=phase.epochs)
+    if phase.evaluate is not None and "final_test_acc" not in summary:  # zero epochs: report as it is
+        summary["final_test_acc"] = summary["best_test_acc"] = phase.evaluate()[1]
+    _save(ctx, phase, {"epoch": epoch, "step": 0, "totals": totals, "summary": summary}, finished=True)
+    return summary

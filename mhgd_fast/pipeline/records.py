@@ -1,0 +1,131 @@
+"""What a run leaves behind: a log file, a metrics CSV, PNG plots and ``results.json``."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from typing import Dict, List
+
+from tqdm import tqdm
+
+__all__ = ["RunLog", "MetricsCSV", "plot_curves", "plot_comparison", "write_results", "format_table",
+           "METRIC_FIELDS"]
+
+METRIC_FIELDS = ["phase", "epoch", "lr", "train_loss", "train_acc", "transfer_loss", "test_loss", "test_acc",
+                 "images_per_s", "seconds"]
+
+
+class RunLog:
+    """Appends time-stamped lines to ``<run_dir>/train.log`` and prints them above the progress bars."""
+
+    def __init__(self, path: str, echo: bool = True):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path, self.echo = path, echo
+
+    def __call__(self, message: str) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        if self.echo:
+            tqdm.write(message)
+
+
+class MetricsCSV:
+    """One row per (phase, epoch). On resume, rows at or after the resume point are dropped
+    first, so the file never holds an epoch twice."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def rows(self) -> List[dict]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def truncate(self, phase: str, from_epoch: int) -> None:
+        kept = [r for r in self.rows() if not (r["phase"] == phase and int(r["epoch"]) >= from_epoch)]
+        self._write(kept)
+
+    def append(self, row: Dict) -> None:
+        self._write(self.rows() + [{k: row.get(k, "") for k in METRIC_FIELDS}])
+
+    def _write(self, rows: List[dict]) -> None:
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, METRIC_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(rows: List[dict], phase: str, path: str) -> None:
+    """Loss and accuracy against epoch for one phase (train and test)."""
+    rows = [r for r in rows if r["phase"] == phase]
+    if not rows:
+        return
+    plt = _pyplot()
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+
+    def series(key):
+        return [float(r[key]) if r[key] not in ("", None) else float("nan") for r in rows]
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot(epochs, series("train_loss"), label="train")
+    if any(r["test_loss"] for r in rows):
+        ax_loss.plot(epochs, series("test_loss"), label="test")
+    if any(r["transfer_loss"] for r in rows):
+        ax_loss.plot(epochs, series("transfer_loss"), label="transfer (MHGD)")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title=f"{phase}: loss")
+    ax_loss.legend()
+    if any(r["train_acc"] for r in rows):
+        ax_acc.plot(epochs, series("train_acc"), label="train")
+        ax_acc.plot(epochs, series("test_acc"), label="test")
+        ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title=f"{phase}: accuracy")
+        ax_acc.legend()
+    else:
+        ax_acc.axis("off")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_comparison(accuracies: Dict[str, float], path: str, title: str) -> None:
+    """Bar chart of the final test accuracy per method."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    names, values = list(accuracies), list(accuracies.values())
+    bars = ax.bar(names, values, color=["#777777", "#4c72b0", "#55a868", "#c44e52"][:len(names)])
+    ax.bar_label(bars, fmt="%.2f")
+    low = min(values)
+    ax.set_ylim(max(0.0, low - 10), min(100.0, max(values) + 5))
+    ax.set(ylabel="test top-1 accuracy (%)", title=title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_table(results: Dict[str, dict]) -> str:
+    """Markdown table: one row per trained network."""
+    lines = ["| network | model | final test acc (%) | best test acc (%) | epochs | train time (s) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['model']} | {r['final_test_acc']:.2f} | {r['best_test_acc']:.2f} "
+                     f"| {r['epochs']} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def write_results(path: str, payload: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
