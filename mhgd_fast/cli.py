@@ -1,7 +1,8 @@
 """The ``mhgd-fast`` command (also ``python -m mhgd_fast``).
 
 ``mhgd-fast bench`` times the ops (see :mod:`mhgd_fast.bench`) and prints a Markdown table on stdout;
-``mhgd-fast info`` prints what was compiled and which backends are usable, as JSON.
+``mhgd-fast info`` prints what was compiled and which backends are usable, as JSON;
+``mhgd-fast demo`` and ``mhgd-fast train`` run the distillation pipeline (:mod:`mhgd_fast.pipeline_cli`).
 Logs and progress go to stderr, so stdout stays clean for redirection.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import bench, bench_scaling
+from . import bench, bench_scaling, pipeline_cli
 from ._extension import build_info
 from .backends import DEVICE_BACKENDS, OP_KERNELS, available_backends
 
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     info_parser = commands.add_parser(
         "info", help="print build_info() and available_backends() as JSON")
     info_parser.set_defaults(handler=_info)
+    pipeline_cli.add_subcommands(commands)
     return parser
 
 

@@ -97,8 +97,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_subcommands(subparsers) -> None:
-    """Register ``demo`` and ``train`` on an ``argparse`` subparsers object; each sets
-    ``func`` (called with the parsed args, returns the exit code)."""
+    """Register ``demo`` and ``train`` on an ``argparse`` subparsers object (``mhgd-fast``'s);
+    each sets ``handler`` (called with the parsed args, returns the exit code)."""
     demo = subparsers.add_parser(
         "demo", help="the whole method in a few minutes on built-in synthetic data",
         description="Train a teacher, the student alone, a KD student and an MHGD student on the built-in "
@@ -107,18 +107,12 @@ def add_subcommands(subparsers) -> None:
     demo.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     demo.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(handler=cmd_demo)
 
     train = subparsers.add_parser(
         "train", help="teacher → graph network → student, with the student-alone and KD baselines",
         description="Run MHGD (and baselines) end to end. Defaults are the authors' (CIFAR-100, "
                     "ResNet32x4 → ResNet8x4). Run the same command again to resume; use torchrun for DDP.")
     _add_config_flags(train, PipelineConfig())
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(handler=cmd_train)
 
-
-if __name__ == "__main__":
-    top = argparse.ArgumentParser(prog="mhgd-fast")
-    add_subcommands(top.add_subparsers(dest="command", required=True))
-    parsed = top.parse_args()
-    sys.exit(parsed.func(parsed))

@@ -167,7 +167,7 @@ def test_train_flags_parse_and_bad_data_folder_fails_at_once(tmp_path, capsys):
     cfg = config_from_args(args)
     assert cfg.methods == ["kd", "mhgd"] and cfg.global_graph and not cfg.balance
     assert cfg.milestones == [0.5] and cfg.heads == 3 and cfg.threads == 1
-    assert args.func(args) == 1
+    assert args.handler(args) == 1
     err = capsys.readouterr().err
     assert "cifar-10-batches-py" in err and "data_batch_1" in err and "test_batch" in err
     with pytest.raises(SystemExit):
@@ -179,7 +179,7 @@ def test_demo_command_prints_the_table_and_writes_outputs(tmp_path, capsys, monk
     real = demo.demo_config
     monkeypatch.setattr(demo, "demo_config", lambda run_dir, **kw: real(run_dir, **{**TINY, **kw}))
     args = parser().parse_args(["demo", "--run-dir", str(tmp_path / "demo"), "--no-progress"])
-    assert args.func(args) == 0
+    assert args.handler(args) == 0
     out = capsys.readouterr().out
     for name in ("teacher", "student", "kd", "mhgd"):
         assert f"| {name} |" in out

@@ -56,10 +56,10 @@ void kl_grad_rows(T* s, T* t, int64_t rows, int64_t cols, bool squash_tanh, bool
                                           want_t);
 }
 
-// Rows per block: the two [rows, M] strips take about 2 MiB each (cache resident, large enough
-// GEMMs), 8 to 64 rows.
+// Rows per block: the two [rows, M] strips take at most about 2 MiB each (cache resident, large
+// enough GEMMs), 8 to 256 rows; small graphs are one block per head (fewest GEMM calls).
 int64_t rows_per_block(int64_t cols, int64_t elem_size) {
-  return std::clamp<int64_t>((int64_t{2} << 20) / std::max<int64_t>(cols * elem_size, 1), 8, 64);
+  return std::clamp<int64_t>((int64_t{2} << 20) / std::max<int64_t>(cols * elem_size, 1), 8, 256);
 }
 
 // One streamed pass over every graph row.
