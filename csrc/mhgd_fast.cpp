@@ -12,6 +12,17 @@ TORCH_LIBRARY(mhgd_fast, m) {
   m.def(
       "attention_graph_backward(Tensor grad, Tensor q, Tensor k, bool squash_tanh, float scale)"
       " -> (Tensor, Tensor)");
+  // MHGD_SPEC.md §3: top-k right singular vectors of X_b = fm_b.reshape(C, -1)^T, [B, k, C], plus
+  // what the backward needs: the smaller Gram (float64, n = min(HW, C)), its top min(k, n)
+  // eigenvectors [B, n, min(k, n)] and eigenvalues [B, min(n, k + 1)] (the last one a Ritz
+  // estimate of lambda_{k+1} for the gap test).
+  m.def(
+      "topk_singular_vectors(Tensor fm, int k, float eps)"
+      " -> (Tensor vectors, Tensor gram, Tensor gram_vectors, Tensor eigenvalues)");
+  // Gradient of topk_singular_vectors w.r.t. fm from the grad of `vectors` and the saved outputs.
+  m.def(
+      "topk_singular_vectors_backward(Tensor grad, Tensor fm, Tensor gram, Tensor gram_vectors,"
+      " Tensor eigenvalues, int k, float eps) -> Tensor");
 }
 
 namespace {

@@ -16,7 +16,7 @@ from ._extension import compiled_backends
 OP_KERNELS = {
     "attention_graph": ("cpu", "cuda"),
     "graph_kl": (),
-    "topk_singular_vectors": (),
+    "topk_singular_vectors": ("cpu", "cuda"),
 }
 
 DEVICE_BACKENDS = ("cpu", "cuda")
