@@ -190,7 +190,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> topk_singular_vectors_impl(const Tens
   auto [lam, e] = top_eigenpairs(gram, kk, f.rows.scalar_type() == at::kDouble);
   const RightVectors rv = right_vectors(f, e, lam, eps);
   out.narrow(1, 0, kk).copy_((rv.v * rv.scale.unsqueeze(1)).transpose(1, 2));
-  return {out, gram, e, lam};
+  return {out, gram, e.contiguous(), lam.contiguous()};
 }
 
 // Solves (λ_j I − G) y_j = rhs_j with y_j ⊥ E for every sample and column j (rhs ⊥ E).
