@@ -13,9 +13,10 @@ TORCH_LIBRARY(mhgd_fast, m) {
       "attention_graph_backward(Tensor grad, Tensor q, Tensor k, bool squash_tanh, float scale)"
       " -> (Tensor, Tensor)");
   // MHGD_SPEC.md §3: top-k right singular vectors of X_b = fm_b.reshape(C, -1)^T, [B, k, C], plus
-  // what the backward needs: the smaller Gram (float64, n = min(HW, C)), its top min(k, n)
-  // eigenvectors [B, n, min(k, n)] and eigenvalues [B, min(n, k + 1)] (the last one a Ritz
-  // estimate of lambda_{k+1} for the gap test).
+  // what the backward needs: the smaller Gram (accumulation dtype, n = min(HW, C)) and, in
+  // float64, either its full eigendecomposition ([B, n, n], [B, n]) or, where the forward iterates
+  // (k = 1 and n > 17), its top eigenvector [B, n, 1] and eigenvalues [B, 2] (the second a Ritz
+  // estimate of lambda_2 for the backward's gap test).
   m.def(
       "topk_singular_vectors(Tensor fm, int k, float eps)"
       " -> (Tensor vectors, Tensor gram, Tensor gram_vectors, Tensor eigenvalues)");

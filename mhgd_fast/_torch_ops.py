@@ -37,9 +37,13 @@ if _C is not None:
         batch, c = fm.shape[0], fm.shape[1]
         n = torch.sym_min(math.prod(fm.shape[2:]), c)
         kk = torch.sym_min(k, n)
+        # Mirrors keeps_full_basis() in csrc/cpu/topk_singular_vectors_cpu.cpp.
+        full = k > 1 or n <= k + 16
+        acc = torch.float32 if fm.dtype in (torch.float16, torch.bfloat16) else fm.dtype
         f64 = dict(dtype=torch.float64)
-        return (fm.new_empty(batch, k, c), fm.new_empty(batch, n, n, **f64),
-                fm.new_empty(batch, n, kk, **f64), fm.new_empty(batch, torch.sym_min(n, kk + 1), **f64))
+        return (fm.new_empty(batch, k, c), fm.new_empty(batch, n, n, dtype=acc),
+                fm.new_empty(batch, n, n if full else kk, **f64),
+                fm.new_empty(batch, n if full else torch.sym_min(n, kk + 1), **f64))
 
     @torch.library.register_fake("mhgd_fast::topk_singular_vectors_backward")
     def _topk_singular_vectors_backward_fake(grad, fm, gram, gram_vectors, eigenvalues, k, eps):

@@ -3,17 +3,21 @@
 // Written with ATen ops only (batched GEMMs, small batched QR/eigh), so the same code serves CPU
 // and CUDA tensors: no per-matrix solver call on the hot path, whatever the device.
 //
-// Forward: the smaller Gram G (C×C when HW ≥ C, else HW×HW) by one bmm; its top-k eigenpairs by
-// Chebyshev-filtered subspace iteration with Rayleigh–Ritz on a (k+8)-column block, converged per
-// sample when max_i ‖G q_i − θ_i q_i‖ ≤ tol·θ_1; samples still unconverged after a bounded number
-// of steps (and small Grams) take the exact torch.linalg.eigh route.
-// Backward: only the top-k pairs. Couplings inside the top k are explicit; the rest of the exact
-// derivative is (λ_j I − G) y_j = (I − EEᵀ) b_j on the complement of the top-k eigenvectors E,
-// solved by conjugate gradients (positive definite when λ_j > λ_{k+1}) with converged columns
-// frozen. A sample whose Ritz gap λ_j − λ_{k+1} is within eps·λ_max, or whose CG does not
-// converge, is solved instead from its Gram's full eigendecomposition, dropping couplings
-// ≤ eps·λ_max exactly as the reference does.
+// Forward: the smaller Gram G (C×C when HW ≥ C, else HW×HW) by one bmm. For k = 1 (the teacher's
+// vector, whose σ_1 dominates post-ReLU maps) the top eigenpair comes from Chebyshev-filtered
+// subspace iteration with Rayleigh–Ritz on a 9-column block, converged per sample when
+// ‖G q_1 − θ_1 q_1‖ ≤ tol·θ_1 (1–2 steps on such maps); samples still unconverged after a bounded
+// number of steps take the exact eigh. For k > 1 (and small Grams) the full eigendecomposition of
+// G, spread over the threads one sample each, is cheaper than the iteration plus the CG backward
+// on flat spectra (measured), and it is kept for the backward.
+// Backward: only the top-k pairs plus a solve on their complement. Couplings inside the top k are
+// explicit; the rest of the exact derivative is (λ_j I − G) y_j = (I − EEᵀ) b_j on the complement
+// of the top-k eigenvectors E: from the saved full basis when there is one, else by conjugate
+// gradients (positive definite when λ_j > λ_{k+1}) with converged columns frozen; a sample whose
+// Ritz gap λ_j − λ_{k+1} is within eps·λ_max, or whose CG does not converge, is solved from its
+// Gram's eigendecomposition. Couplings ≤ eps·λ_max are dropped exactly as the reference does.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -56,10 +60,31 @@ Features features(const Tensor& fm) {
   return {fm.reshape({batch, c, hw}).to(accumulate_type(fm.scalar_type())), hw >= c};
 }
 
+// Full eigendecomposition, descending. torch's batched CPU eigh runs its LAPACK calls one after
+// another; here the samples are spread over the intra-op threads instead.
 std::tuple<Tensor, Tensor> descending_eigh(const Tensor& a) {
-  auto [lam, vec] = at::linalg_eigh(a);
-  return {lam.flip({-1}), vec.flip({-1})};
+  const int64_t batch = a.size(0);
+  if (!a.device().is_cpu() || batch < 2 || at::get_num_threads() < 2) {
+    auto [lam, vec] = at::linalg_eigh(a);
+    return {lam.flip({-1}), vec.flip({-1})};
+  }
+  Tensor lam = at::empty({batch, a.size(1)}, a.options());
+  Tensor vec = at::empty_like(a);
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      auto [l, v] = at::linalg_eigh(a[b]);
+      lam[b].copy_(l.flip({-1}));
+      vec[b].copy_(v.flip({-1}));
+    }
+  });
+  return {lam, vec};
 }
+
+// Whether the forward keeps the Gram's full eigendecomposition instead of iterating: for k > 1
+// the iteration (≈ 30 block products of width k+8 on flat post-ReLU spectra) and the backward's
+// CG cost more than one eigh at these sizes, and the full basis makes the backward a few GEMMs.
+// Small Grams are decomposed exactly too. The fake kernel (mhgd_fast/_torch_ops.py) mirrors this.
+bool keeps_full_basis(int64_t n, int64_t kk) { return kk > 1 || n <= kk + kGuardVectors + kDirectMargin; }
 
 // A fixed, well-spread start block (no global RNG: the op is deterministic).
 Tensor start_block(int64_t n, int64_t p, const at::TensorOptions& options) {
@@ -96,10 +121,6 @@ Tensor chebyshev_filter(const Tensor& g, const Tensor& q, const Tensor& cut, con
 std::tuple<Tensor, Tensor> top_eigenpairs(const Tensor& g, int64_t kk, bool tight) {
   const int64_t batch = g.size(0), n = g.size(1);
   const int64_t p = std::min(n, kk + kGuardVectors), nlam = std::min(n, kk + 1);
-  if (n <= p + kDirectMargin) {
-    auto [lam, vec] = descending_eigh(g);
-    return {lam.narrow(1, 0, nlam), vec.narrow(2, 0, kk)};
-  }
   const double tol = eig_tolerance(tight);
   Tensor lam = at::zeros({batch, p}, g.options());
   Tensor vec = at::zeros({batch, n, p}, g.options());
@@ -180,17 +201,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> topk_singular_vectors_impl(const Tens
   const int64_t n = f.c_route ? c : hw, kk = kept_pairs(f, k);
   Tensor out = at::zeros({batch, k, c}, fm.options());
   const auto f64 = fm.options().dtype(at::kDouble);
+  const bool full = keeps_full_basis(n, kk);
   if (batch == 0 || kk == 0) {
-    return {out, at::zeros({batch, n, n}, f64), at::zeros({batch, n, kk}, f64),
-            at::zeros({batch, std::min(n, kk + 1)}, f64)};
+    return {out, at::zeros({batch, n, n}, f.rows.options()), at::zeros({batch, n, full ? n : kk}, f64),
+            at::zeros({batch, full ? n : std::min(n, kk + 1)}, f64)};
   }
-  const Tensor gram = (f.c_route ? at::bmm(f.rows, f.rows.transpose(1, 2))
-                                 : at::bmm(f.rows.transpose(1, 2), f.rows))
-                          .to(at::kDouble);
-  auto [lam, e] = top_eigenpairs(gram, kk, f.rows.scalar_type() == at::kDouble);
-  const RightVectors rv = right_vectors(f, e, lam, eps);
+  const Tensor gram = f.c_route ? at::bmm(f.rows, f.rows.transpose(1, 2)) : at::bmm(f.rows.transpose(1, 2), f.rows);
+  Tensor lam, basis;
+  if (full) {  // in the accumulation dtype, as the reference does
+    std::tie(lam, basis) = descending_eigh(gram);
+    lam = lam.to(at::kDouble);
+    basis = basis.to(at::kDouble);
+  } else {
+    std::tie(lam, basis) = top_eigenpairs(gram.to(at::kDouble), kk, f.rows.scalar_type() == at::kDouble);
+  }
+  const RightVectors rv = right_vectors(f, basis.narrow(2, 0, kk), lam, eps);
   out.narrow(1, 0, kk).copy_((rv.v * rv.scale.unsqueeze(1)).transpose(1, 2));
-  return {out, gram, e.contiguous(), lam.contiguous()};
+  return {out, gram, basis.contiguous(), lam.contiguous()};
+}
+
+Tensor project_out(const Tensor& basis, const Tensor& t) {
+  return t - at::bmm(basis, at::bmm(basis.transpose(1, 2), t));
+}
+
+// y_j = Σ_l u_l (u_lᵀ rhs_j)/(λ_j − λ_l) over the full eigenbasis (l, u) of G, couplings with
+// |λ_j − λ_l| ≤ eps·λ_max dropped (the reference's rule), then kept orthogonal to E.
+Tensor spectral_solve(const Tensor& l, const Tensor& u, const Tensor& lam, const Tensor& rhs, const Tensor& thresh,
+                      const Tensor& e) {
+  const Tensor diff = lam.unsqueeze(1) - l.unsqueeze(2);  // [B, n, kk]
+  const Tensor coupling =
+      at::where(at::abs(diff) > thresh.view({-1, 1, 1}), 1.0 / at::where(diff == 0, 1.0, diff), 0.0);
+  return project_out(e, at::bmm(u, at::bmm(u.transpose(1, 2), rhs) * coupling));
 }
 
 // Solves (λ_j I − G) y_j = rhs_j with y_j ⊥ E for every sample and column j (rhs ⊥ E).
@@ -198,9 +239,6 @@ Tensor complement_solve(const Tensor& g, const Tensor& e, const Tensor& lam_all,
                         const Tensor& thresh, bool tight) {
   const int64_t kk = e.size(2), n = g.size(1);
   const Tensor lam = lam_all.narrow(1, 0, kk);
-  auto project = [](const Tensor& basis, const Tensor& t) {
-    return t - at::bmm(basis, at::bmm(basis.transpose(1, 2), t));
-  };
   // A gap to λ_{k+1} (Ritz estimate) within eps·λ_max: the reference drops that coupling, CG can't.
   Tensor spectral = at::zeros({g.size(0)}, lam.options().dtype(at::kBool));
   if (lam_all.size(1) > kk) {
@@ -216,7 +254,7 @@ Tensor complement_solve(const Tensor& g, const Tensor& e, const Tensor& lam_all,
   Tensor done = at::logical_or(rr <= stop, spectral.unsqueeze(1));
   const int64_t max_steps = std::min<int64_t>(n, 300) + 10;
   for (int64_t step = 0; step < max_steps && !done.all().item<bool>(); ++step) {
-    const Tensor adir = project(e, lam.unsqueeze(1) * dir - at::bmm(g, dir));
+    const Tensor adir = project_out(e, lam.unsqueeze(1) * dir - at::bmm(g, dir));
     const Tensor curv = (dir * adir).sum(1);
     const Tensor broken = at::logical_and(at::logical_not(done), curv <= 0);  // not positive definite
     spectral = at::logical_or(spectral, broken.any(1));
@@ -234,11 +272,8 @@ Tensor complement_solve(const Tensor& g, const Tensor& e, const Tensor& lam_all,
   const Tensor idx = spectral.nonzero().squeeze(1);
   if (idx.numel() > 0) {
     auto [l, u] = descending_eigh(g.index_select(0, idx));
-    const Tensor diff = lam.index_select(0, idx).unsqueeze(1) - l.unsqueeze(2);  // [b, n, kk]
-    const Tensor coupling = at::where(at::abs(diff) > thresh.index_select(0, idx).view({-1, 1, 1}),
-                                      1.0 / at::where(diff == 0, 1.0, diff), 0.0);
-    const Tensor coef = at::bmm(u.transpose(1, 2), rhs.index_select(0, idx)) * coupling;
-    y.index_copy_(0, idx, project(e.index_select(0, idx), at::bmm(u, coef)));
+    y.index_copy_(0, idx, spectral_solve(l, u, lam.index_select(0, idx), rhs.index_select(0, idx),
+                                         thresh.index_select(0, idx), e.index_select(0, idx)));
   }
   return y;
 }
@@ -247,17 +282,25 @@ Tensor topk_singular_vectors_backward_impl(const Tensor& grad, const Tensor& fm,
                                            const Tensor& gram_vectors, const Tensor& eigenvalues, int64_t k,
                                            double eps) {
   const Features f = features(fm);
-  const int64_t batch = f.rows.size(0), c = f.rows.size(1), kk = gram_vectors.size(2);
+  const int64_t batch = f.rows.size(0), c = f.rows.size(1), n = gram.size(1);
+  const int64_t kk = kept_pairs(f, k);
+  const bool full = gram_vectors.size(2) == n;
   TORCH_CHECK(grad.dim() == 3 && grad.size(0) == batch && grad.size(1) == k && grad.size(2) == c,
               "topk_singular_vectors_backward: grad must be [B, k, C] = [", batch, ", ", k, ", ", c, "], got ",
               grad.sizes());
   if (batch == 0 || kk == 0) return at::zeros_like(fm);
-  const RightVectors rv = right_vectors(f, gram_vectors, eigenvalues, eps);
+  const bool tight = f.rows.scalar_type() == at::kDouble;
   const Tensor lam = eigenvalues.narrow(1, 0, kk);
+  const Tensor thresh = eps * eigenvalues.narrow(1, 0, 1).squeeze(1);  // eps·λ_max, [B]
+  const RightVectors rv = right_vectors(f, gram_vectors.narrow(2, 0, kk), eigenvalues, eps);
+  // Solves (λ_j I − G) y_j = rhs_j on the complement of the top-k eigenvectors.
+  auto solve = [&](const Tensor& rhs) {
+    if (full) return spectral_solve(eigenvalues, gram_vectors, lam, rhs, thresh, rv.e);
+    return complement_solve(gram.to(at::kDouble), rv.e, eigenvalues, rhs, thresh, tight);
+  };
   const Tensor vmask = rv.valid.to(at::kDouble);
   // Gradient w.r.t. the unsigned vectors (sign and mask are constants).
   const Tensor g = grad.narrow(1, 0, kk).transpose(1, 2).to(at::kDouble) * rv.scale.unsqueeze(1);
-  const Tensor thresh = eps * eigenvalues.narrow(1, 0, 1).squeeze(1);  // eps·λ_max, [B]
   // Inside the top k: w_i += Σ_j v_j (v_jᵀ g_i)/(λ_i − λ_j), |λ_i − λ_j| ≤ eps·λ_max dropped.
   const Tensor diff = lam.unsqueeze(1) - lam.unsqueeze(2);  // [B, j, i] = λ_i − λ_j
   const Tensor pair = at::logical_and(at::abs(diff) > thresh.view({-1, 1, 1}),
@@ -266,16 +309,15 @@ Tensor topk_singular_vectors_backward_impl(const Tensor& grad, const Tensor& fm,
   const Tensor proj = at::bmm(rv.v.transpose(1, 2), g);
   Tensor w = at::bmm(rv.v, coupling * proj);
   const Tensor resid = g - at::bmm(rv.v, proj);  // (I − VVᵀ) g
-  const bool tight = f.rows.scalar_type() == at::kDouble;
   const auto acc = f.rows.scalar_type();
   if (f.c_route) {
-    w = w + complement_solve(gram, rv.e, eigenvalues, resid, thresh, tight);
+    w = w + solve(resid);
   } else {
     // Push-through: (λI − XᵀX)⁺ = (1/λ)[I + Xᵀ(λI − XXᵀ)⁺X] on the complement, so the solve runs
     // on the HW×HW Gram with right-hand side X(I − VVᵀ)g.
     Tensor rhs = at::bmm(f.rows.transpose(1, 2), resid.to(acc)).to(at::kDouble);
     rhs = rhs - at::bmm(rv.e, at::bmm(rv.e.transpose(1, 2), rhs));
-    const Tensor y = complement_solve(gram, rv.e, eigenvalues, rhs, thresh, tight);
+    const Tensor y = solve(rhs);
     const Tensor xty = at::bmm(f.rows, y.to(acc)).to(at::kDouble);
     w = w + (resid + xty) / at::where(rv.valid, lam, 1.0).unsqueeze(1) * vmask.unsqueeze(1);
   }
