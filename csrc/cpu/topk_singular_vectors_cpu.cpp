@@ -1,7 +1,8 @@
 // mhgd_fast::topk_singular_vectors and its backward (MHGD_SPEC.md §3, "Facts for the fast path").
 //
 // Written with ATen ops only (batched GEMMs, small batched QR/eigh), so the same code serves CPU
-// and CUDA tensors: no per-matrix solver call on the hot path, whatever the device.
+// and CUDA tensors. On CUDA the k > 1 route's full eigh still runs one solver call per matrix for
+// n > 32 (MHGD_SPEC.md §3); a one-block-per-sample CUDA kernel is what replaces it.
 //
 // Forward: the smaller Gram G (C×C when HW ≥ C, else HW×HW) by one bmm. For k = 1 (the teacher's
 // vector, whose σ_1 dominates post-ReLU maps) the top eigenpair comes from Chebyshev-filtered
