@@ -71,13 +71,14 @@ def test_controlled_spectra_every_k(backend, dtype, c, hw, k):
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("c,hw", [(48, 96), (96, 48)])
-def test_flat_spectrum_with_minimum_gaps(backend, dtype, c, hw):
-    """Relative gaps of exactly ~1e-3·σ_1 over a flat top: slow subspace convergence, so samples
-    take the exact fallback or many filter steps; results must still meet the target."""
+@pytest.mark.parametrize("k", [1, 8])
+def test_flat_spectrum_with_minimum_gaps(backend, dtype, c, hw, k):
+    """Relative gaps of ~1e-3·σ_1 over a flat top: for k = 1 the power steps and the filtered
+    iteration both run out and the exact fallback answers; results must still meet the target."""
     r = min(c, hw)
     sigmas = [1.0 - 0.0012 * i for i in range(10)] + [0.5 * 0.97 ** i for i in range(r - 10)]
     fm = controlled_map(2, c, hw, sigmas, dtype=dtype).to(device_of(backend))
-    check_against_float64(fm, 8, backend)
+    check_against_float64(fm, k, backend)
 
 
 @pytest.mark.parametrize("backend", FAST)

@@ -5,10 +5,11 @@
 // n > 32 (MHGD_SPEC.md §3); a one-block-per-sample CUDA kernel is what replaces it.
 //
 // Forward: the smaller Gram G (C×C when HW ≥ C, else HW×HW) by one bmm. For k = 1 (the teacher's
-// vector, whose σ_1 dominates post-ReLU maps) the top eigenpair comes from Chebyshev-filtered
-// subspace iteration with Rayleigh–Ritz on a 9-column block, converged per sample when
-// ‖G q_1 − θ_1 q_1‖ ≤ tol·θ_1 (1–2 steps on such maps); samples still unconverged after a bounded
-// number of steps take the exact eigh. For k > 1 (and small Grams) the full eigendecomposition of
+// vector, whose σ_1 dominates post-ReLU maps) the top eigenpair comes from power steps per sample
+// on the CPU (6–10 on such maps), then, for samples not yet converged, Chebyshev-filtered
+// subspace iteration with Rayleigh–Ritz on a 9-column block (the only route on CUDA); converged
+// means ‖G q_1 − θ_1 q_1‖ ≤ tol·θ_1. Samples still unconverged after a bounded number of steps
+// take the exact eigh. For k > 1 (and small Grams) the full eigendecomposition of
 // G, spread over the threads one sample each, is cheaper than the iteration plus the CG backward
 // on flat spectra (measured), and it is kept for the backward.
 // Backward: only the top-k pairs plus a solve on their complement. Couplings inside the top k are
@@ -18,10 +19,12 @@
 // Ritz gap λ_j − λ_{k+1} is within eps·λ_max, or whose CG does not converge, is solved from its
 // Gram's eigendecomposition. Couplings ≤ eps·λ_max are dropped exactly as the reference does.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <tuple>
 #include <vector>
@@ -41,6 +44,9 @@ constexpr int64_t kDirectMargin = 8;
 // inside float64 even when σ_1 dominates (post-ReLU maps), and converges in 2–7 steps.
 constexpr int64_t kFilterDegree = 4;
 constexpr int64_t kMaxRitzSteps = 16;
+// Power steps per sample for k = 1 on the CPU: enough for λ_2/λ_1 up to ~0.6 (post-ReLU maps sit
+// near 0.05–0.1); slower samples go on to the filtered iteration.
+constexpr int64_t kMaxPowerSteps = 40;
 
 // Relative residual targets: float64 results match an exact solver to ~1e-12; float32 (and
 // 16-bit, computed in float32) only need |cos| ≥ 0.99999 at relative gaps ≥ 1e-3.
@@ -168,6 +174,67 @@ std::tuple<Tensor, Tensor> top_eigenpairs(const Tensor& g, int64_t kk, bool tigh
   return {lam.narrow(1, 0, nlam), vec.narrow(2, 0, kk)};
 }
 
+// k = 1 on the CPU: power iteration per sample on its Gram (kept in cache), one thread per sample,
+// no ATen op per step. Fills lam [B, 2] (θ_1 and the estimate θ_1·ρ of λ_2, ρ the residual's
+// contraction rate) and vec [B, n, 1] where ‖G v − θ_1 v‖ ≤ tol·θ_1; returns that mask.
+Tensor power_iteration_cpu(const Tensor& gram, Tensor& lam, Tensor& vec, double tol) {
+  const int64_t batch = gram.size(0), n = gram.size(1);
+  const Tensor g = gram.contiguous();
+  Tensor converged = at::zeros({batch}, g.options().dtype(at::kBool));
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "power_iteration_cpu", [&] {
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    double* lp = lam.data_ptr<double>();
+    double* vp = vec.data_ptr<double>();
+    bool* ok = converged.data_ptr<bool>();
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> v(n), w(n);
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* a = gp + b * n * n;
+        double trace = 0;
+        for (int64_t i = 0; i < n; ++i) trace += a[i * n + i];
+        // Positive start (the Perron vector of a post-ReLU Gram is non-negative), slightly spread.
+        double norm = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          v[i] = 1.0 + 0.25 * std::sin(1.0 + 2.3 * static_cast<double>(i));
+          norm += v[i] * v[i];
+        }
+        for (auto& x : v) x /= std::sqrt(norm);
+        double theta = 0, prev_resid = -1, rate = 1;
+        for (int64_t step = 0; step < kMaxPowerSteps; ++step) {
+          for (int64_t i = 0; i < n; ++i) {
+            const scalar_t* row = a + i * n;
+            double sum = 0;
+            for (int64_t j = 0; j < n; ++j) sum += static_cast<double>(row[j]) * v[j];
+            w[i] = sum;
+          }
+          theta = 0;
+          for (int64_t i = 0; i < n; ++i) theta += v[i] * w[i];
+          double resid = 0, wnorm = 0;
+          for (int64_t i = 0; i < n; ++i) {
+            resid += (w[i] - theta * v[i]) * (w[i] - theta * v[i]);
+            wnorm += w[i] * w[i];
+          }
+          resid = std::sqrt(resid);
+          if (trace <= 0 || (theta > 0 && resid <= tol * theta)) {  // trace 0: G = 0 (PSD)
+            ok[b] = true;
+            break;
+          }
+          if (wnorm <= 0) break;  // start orthogonal to the range: leave it to the iteration
+          if (prev_resid > 0) rate = std::min(1.0, resid / prev_resid);
+          prev_resid = resid;
+          wnorm = std::sqrt(wnorm);
+          for (int64_t i = 0; i < n; ++i) v[i] = w[i] / wnorm;
+        }
+        if (!ok[b]) continue;
+        lp[b * 2] = theta;
+        lp[b * 2 + 1] = theta * rate;
+        for (int64_t i = 0; i < n; ++i) vp[b * n + i] = v[i];
+      }
+    });
+  });
+  return converged;
+}
+
 struct RightVectors {
   Tensor v;      // [B, C, kk] float64 unit right singular vectors, zero where σ_i ≤ eps·σ_max
   Tensor e;      // [B, n, kk] the Gram's eigenvectors, masked the same way
@@ -213,6 +280,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> topk_singular_vectors_impl(const Tens
     std::tie(lam, basis) = descending_eigh(gram);
     lam = lam.to(at::kDouble);
     basis = basis.to(at::kDouble);
+  } else if (gram.device().is_cpu()) {  // kk = 1
+    const bool tight = f.rows.scalar_type() == at::kDouble;
+    lam = at::zeros({batch, 2}, f64);
+    basis = at::zeros({batch, n, 1}, f64);
+    const Tensor slow = at::logical_not(power_iteration_cpu(gram, lam, basis, eig_tolerance(tight))).nonzero().squeeze(1);
+    if (slow.numel() > 0) {
+      auto [l, v] = top_eigenpairs(gram.index_select(0, slow).to(at::kDouble), kk, tight);
+      lam.index_copy_(0, slow, l);
+      basis.index_copy_(0, slow, v);
+    }
   } else {
     std::tie(lam, basis) = top_eigenpairs(gram.to(at::kDouble), kk, f.rows.scalar_type() == at::kDouble);
   }
