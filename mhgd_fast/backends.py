@@ -11,12 +11,12 @@ import torch
 
 from ._extension import compiled_backends
 
-# Ops with compiled kernels, and the devices they are compiled for. Ops not listed here run on
-# the reference backend only (their kernels land in later releases).
+# Ops with compiled kernels, and the devices they are compiled for; an op runs on the reference
+# backend wherever its tuple lacks the device.
 OP_KERNELS = {
     "attention_graph": ("cpu", "cuda"),
     "graph_kl": ("cpu", "cuda"),
-    "topk_singular_vectors": (),
+    "topk_singular_vectors": ("cpu", "cuda"),
 }
 
 DEVICE_BACKENDS = ("cpu", "cuda")

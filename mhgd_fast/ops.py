@@ -102,8 +102,10 @@ def topk_singular_vectors(fm: torch.Tensor, k: int, *, eps: Optional[float] = No
         raise ValueError(f"eps must be a number in [0, 1), got {eps!r}")
     check_all_finite("fm", fm)
     impl = resolve("topk_singular_vectors", backend, fm.device)
-    assert impl == "reference"  # compiled kernels are not registered yet (OP_KERNELS)
-    return reference.topk_singular_vectors(fm, k, eps)
+    if impl == "reference":
+        return reference.topk_singular_vectors(fm, k, eps)
+    eps = reference.default_eps(fm.dtype) if eps is None else float(eps)
+    return torch.ops.mhgd_fast.topk_singular_vectors(fm, k, eps)[0]
 
 
 def align_singular_vectors(v_s: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,173 @@
+"""Compression cost per feature map (issue 5): the fast op against torch.linalg.svd and against
+smaller-side Gram + torch.linalg.eigh (the reference backend), fwd and fwd+bwd, in ONE run so the
+ratios share the machine's load; optionally the whole MHGD transfer loss next to ResNet8/ResNet32.
+
+    PYTHONPATH=. python benchmarks/svd_table.py [--batch 128] [--repeats 7] [--threads 2] [--mhgd]
+
+Methods are timed round-robin (one repetition of each in turn) and reported as medians; the
+inputs are post-ReLU Gaussian maps, whose flat bulk spectrum is the hard case for the iteration.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+import mhgd_fast as mf
+
+PAPER_SHAPES = [(64, 32), (128, 16), (256, 8)]  # (C, side): ResNet stage outputs on CIFAR
+
+
+def svd_path(fm: torch.Tensor, k: int) -> torch.Tensor:
+    """What a faithful port does: torch.linalg.svd of X, top-k rows of Vᴴ, canonical sign."""
+    x = fm.reshape(fm.shape[0], fm.shape[1], -1).transpose(-1, -2)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    top = vh[:, :k]
+    return top * torch.where(top.detach().sum(-1, keepdim=True) < 0, -1.0, 1.0)
+
+
+def compression_methods(backend: str) -> Dict[str, Callable]:
+    return {
+        "torch.linalg.svd": svd_path,
+        "Gram + eigh": lambda fm, k: mf.ops.topk_singular_vectors(fm, k, backend="reference"),
+        f"fast ({backend})": lambda fm, k: mf.ops.topk_singular_vectors(fm, k, backend=backend),
+    }
+
+
+def round_robin(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, List[float]]:
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def compression_table(batch: int, repeats: int, backend: str) -> List[str]:
+    methods = compression_methods(backend)
+    fast = f"fast ({backend})"
+    lines = ["| map (C×H×W) | k | pass | " + " | ".join(f"{m} ms" for m in methods)
+             + " | svd / fast | Gram+eigh / fast |",
+             "|---|---|---|" + "---|" * len(methods) + "---|---|"]
+    for c, side in PAPER_SHAPES:
+        fm = torch.relu(torch.randn(batch, c, side, side))
+        for k in (1, 4):
+            fm_g = fm.clone().requires_grad_()
+            w = torch.randn(batch, k, c)
+            fns = {}
+            for name, method in methods.items():
+                fns[("fwd", name)] = (lambda m=method: m(fm, k))
+                fns[("fwd+bwd", name)] = (lambda m=method: torch.autograd.grad((m(fm_g, k) * w).sum(), fm_g))
+            times = {key: statistics.median(v) for key, v in round_robin(fns, repeats).items()}
+            for stage in ("fwd", "fwd+bwd"):
+                row = [times[(stage, m)] for m in methods]
+                t_fast = times[(stage, fast)]
+                lines.append(f"| {c}×{side}×{side} | {k} | {stage} | " + " | ".join(f"{t:.1f}" for t in row)
+                             + f" | {times[(stage, 'torch.linalg.svd')] / t_fast:.1f}× "
+                             + f"| {times[(stage, 'Gram + eigh')] / t_fast:.2f}× |")
+    return lines
+
+
+# ---------------------------------------------------------------------------- MHGD vs ResNets
+
+class BasicBlock(torch.nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.b1 = torch.nn.BatchNorm2d(cout)
+        self.c2 = torch.nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.b2 = torch.nn.BatchNorm2d(cout)
+        self.short = None
+        if stride != 1 or cin != cout:
+            self.short = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                             torch.nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+        return torch.relu(y + (x if self.short is None else self.short(x)))
+
+
+class CifarResNet(torch.nn.Module):
+    """CIFAR ResNet-(6n+2), stage widths 64/128/256; returns logits and the 3 stage outputs."""
+
+    def __init__(self, depth: int, widths=(64, 128, 256), classes: int = 100):
+        super().__init__()
+        n = (depth - 2) // 6
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
+                                        torch.nn.BatchNorm2d(widths[0]), torch.nn.ReLU())
+        stages, cin = [], widths[0]
+        for i, cout in enumerate(widths):
+            blocks = [BasicBlock(cin if j == 0 else cout, cout, 2 if (i > 0 and j == 0) else 1) for j in range(n)]
+            stages.append(torch.nn.Sequential(*blocks))
+            cin = cout
+        self.stages = torch.nn.ModuleList(stages)
+        self.fc = torch.nn.Linear(widths[-1], classes)
+
+    def forward(self, x):
+        feats, h = [], self.stem(x)
+        for stage in self.stages:
+            h = stage(h)
+            feats.append(h)
+        return self.fc(h.mean((2, 3))), feats
+
+
+def mhgd_table(batch: int, repeats: int) -> List[str]:
+    teacher, student = CifarResNet(32).eval(), CifarResNet(8)
+    images = torch.rand(batch, 3, 32, 32)
+    labels = torch.randint(0, 100, (batch,))
+    with torch.no_grad():
+        _, t_feats = teacher(images)
+    _, s_feats = student(images)
+    s_feats = [f.detach().requires_grad_() for f in s_feats]
+    # "auto": the fastest backend each op has here (compiled where it exists, else the reference).
+    loss_mod = mf.MHGD([64, 128, 256], backend="auto").eval()
+
+    def teacher_fwd():
+        with torch.no_grad():
+            teacher(images)
+
+    def student_fwd_bwd():
+        logits, _ = student(images)
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+
+    def mhgd():
+        torch.autograd.grad(loss_mod(s_feats, t_feats), s_feats)
+
+    fns = {"teacher ResNet32 fwd": teacher_fwd, "student ResNet8 fwd+bwd": student_fwd_bwd,
+           "MHGD loss fwd+bwd (auto)": mhgd}
+    times = {name: statistics.median(v) for name, v in round_robin(fns, repeats).items()}
+    nets = times["teacher ResNet32 fwd"] + times["student ResNet8 fwd+bwd"]
+    lines = ["| part | ms | % of teacher fwd + student fwd+bwd |", "|---|---|---|"]
+    for name, t in times.items():
+        lines.append(f"| {name} | {t:.1f} | {100 * t / nets:.1f} % |")
+    return lines
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--mhgd", action="store_true", help="also time the whole MHGD loss vs ResNets")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    backend = "cpu" if "cpu" in mf.available_backends() else "reference"
+    print(f"mhgd_fast {mf.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{args.threads} threads, B={args.batch}, float32, medians of {args.repeats} round-robin repeats, "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    print("\n".join(compression_table(args.batch, args.repeats, backend)))
+    if args.mhgd:
+        print()
+        print("\n".join(mhgd_table(args.batch, args.repeats)))
+
+
+if __name__ == "__main__":
+    main()

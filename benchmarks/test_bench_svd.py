@@ -1,0 +1,43 @@
+"""pytest-benchmark: per-map compression at the paper's shapes (B=128, 2 threads), the fast op
+against torch.linalg.svd and smaller-side Gram + eigh, forward and forward+backward.
+
+    PYTHONPATH=. python -m pytest benchmarks/test_bench_svd.py --benchmark-only
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+import mhgd_fast as mf
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # svd_table sits next to this file
+from svd_table import PAPER_SHAPES, compression_methods  # noqa: E402
+
+BACKEND = "cpu" if "cpu" in mf.available_backends() else "reference"
+METHODS = compression_methods(BACKEND)
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("c,side", PAPER_SHAPES)
+@pytest.mark.parametrize("stage", ["fwd", "fwd+bwd"])
+def test_compression(benchmark, stage, c, side, k, method):
+    benchmark.group = f"{stage} {c}x{side}x{side} k={k}"
+    fn = METHODS[method]
+    fm = torch.relu(torch.randn(128, c, side, side))
+    if stage == "fwd":
+        benchmark(fn, fm, k)
+        return
+    fm.requires_grad_()
+    w = torch.randn(128, k, c)
+    benchmark(lambda: torch.autograd.grad((fn(fm, k) * w).sum(), fm))

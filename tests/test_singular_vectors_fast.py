@@ -1,0 +1,217 @@
+"""The compiled topk_singular_vectors fast path (MHGD_SPEC.md §3; issue 5 item 2).
+
+Accuracy is judged against a float64 SVD / the float64 reference: |cos| ≥ 0.99999 for every
+vector whose relative gap (σ_i − σ_{i+1})/σ_1 and (σ_{i−1} − σ_i)/σ_1 is ≥ 1e-3, and gradients
+within 1e-3 relative on such inputs. Both Gram routes (HW ≥ C: XᵀX; HW < C: XXᵀ) are covered,
+with sizes large enough for the iterative solver (the Gram exceeds the k+16 direct threshold).
+"""
+import pytest
+import torch
+
+import mhgd_fast as mf
+from _helpers import backends_for, device_of, rel_err
+from conftest import REQUIRE_EXTENSION
+from test_singular_vectors import canonical_svd_vectors, controlled_map
+
+FAST = [b for b in backends_for("topk_singular_vectors") if b != "reference"]
+pytestmark = pytest.mark.skipif(not FAST and not REQUIRE_EXTENSION, reason="extension not built")
+GAP = 1e-3
+
+
+def well_separated(fm64, k):
+    """[B, k] mask: vectors whose gaps to both neighbours are ≥ GAP·σ_1 (from a float64 SVD)."""
+    x = fm64.reshape(fm64.shape[0], fm64.shape[1], -1)
+    s = torch.linalg.svdvals(x)
+    s = torch.cat([s, s.new_zeros(s.shape[0], k + 1)], 1)
+    rel = (s[:, :-1] - s[:, 1:]) / s[:, :1]
+    below = rel[:, :k]
+    above = torch.cat([torch.full_like(rel[:, :1], float("inf")), rel[:, : k - 1]], 1)
+    return (below >= GAP) & (above >= GAP)
+
+
+def check_against_float64(fm, k, backend, grad=True):
+    """|cos| and gradient checks of backend on fm against the float64 reference on fm.double()."""
+    fm64 = fm.detach().double()
+    keep = well_separated(fm64, k).to(fm.device)
+    x = fm.detach().clone().requires_grad_(grad)
+    out = mf.ops.topk_singular_vectors(x, k, backend=backend)
+    assert out.dtype == fm.dtype and out.shape == (fm.shape[0], k, fm.shape[1])
+    assert torch.isfinite(out).all()
+    ref64 = canonical_svd_vectors(fm64, k)
+    cos = (out.double() * ref64).sum(-1)
+    assert float(cos[keep].detach().min()) >= 1 - 1e-5, "sign or direction differs from the float64 SVD"
+    if not grad:
+        return
+    w = torch.randn(out.shape, dtype=torch.float64, device=fm.device) * keep.unsqueeze(-1)
+    g, = torch.autograd.grad((out.double() * w).sum(), x)
+    x64 = fm64.clone().requires_grad_()
+    r_g, = torch.autograd.grad((mf.ops.topk_singular_vectors(x64, k, backend="reference") * w).sum(), x64)
+    tol = 1e-8 if fm.dtype == torch.float64 else 1e-3
+    assert rel_err(g, r_g) <= tol
+
+
+def decaying(r, ratio=0.8):
+    return [5.0 * ratio ** i for i in range(r)]
+
+
+# (C, HW): both routes, odd sizes, Grams well above the direct threshold.
+ROUTE_SHAPES = [(40, 75), (33, 120), (120, 33), (90, 45)]
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c,hw", ROUTE_SHAPES)
+@pytest.mark.parametrize("k", range(1, 9))
+def test_controlled_spectra_every_k(backend, dtype, c, hw, k):
+    r = min(c, hw)
+    fm = controlled_map(3, c, hw, decaying(r), dtype=dtype).to(device_of(backend))
+    check_against_float64(fm, k, backend)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c,hw", [(48, 96), (96, 48)])
+@pytest.mark.parametrize("k", [1, 8])
+def test_flat_spectrum_with_minimum_gaps(backend, dtype, c, hw, k):
+    """Relative gaps of ~1e-3·σ_1 over a flat top: for k = 1 the power steps and the filtered
+    iteration both run out and the exact fallback answers; results must still meet the target."""
+    r = min(c, hw)
+    sigmas = [1.0 - 0.0012 * i for i in range(10)] + [0.5 * 0.97 ** i for i in range(r - 10)]
+    fm = controlled_map(2, c, hw, sigmas, dtype=dtype).to(device_of(backend))
+    check_against_float64(fm, k, backend)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_post_relu_conv_maps_both_routes(backend, dtype):
+    """Real conv-layer activations (HW ≥ C and HW < C), student k = 4 and teacher k = 1."""
+    torch.manual_seed(1)
+    dev = device_of(backend)
+    image = torch.rand(4, 3, 16, 16)
+    stem = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU())
+    down = torch.nn.Sequential(torch.nn.Conv2d(32, 96, 3, stride=2, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(96, 96, 3, stride=2, padding=1), torch.nn.ReLU())
+    with torch.no_grad():
+        a = stem(image)  # [4, 32, 16, 16]: HW = 256 ≥ C
+        b = down(a)  # [4, 96, 4, 4]: HW = 16 < C
+    for fm in (a, b):
+        for k in (1, 4):
+            check_against_float64(fm.to(dev, dtype), k, backend)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("c,side", [(64, 32), (128, 16), (256, 8)])
+def test_paper_shapes_small_batch(backend, c, side):
+    fm = torch.relu(torch.randn(4, c, side, side, device=device_of(backend)))
+    for k in (1, 4):
+        check_against_float64(fm, k, backend)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("c,hw", [(40, 60), (60, 40)])
+def test_repeated_value_at_the_cut_is_finite_and_exact_above_it(backend, c, hw):
+    """σ_4 = σ_5 with k = 4: the backward's gap test sends the sample to the spectral solve,
+    which drops the coupling exactly as the reference; v_1..v_3 and their gradients are unique."""
+    r = min(c, hw)
+    sigmas = [4.0, 3.0, 2.0, 1.0, 1.0] + [0.5 * 0.9 ** i for i in range(r - 5)]
+    fm = controlled_map(2, c, hw, sigmas).to(device_of(backend)).requires_grad_()
+    out = mf.ops.topk_singular_vectors(fm, 4, backend=backend)
+    ref = mf.ops.topk_singular_vectors(fm, 4, backend="reference")
+    torch.testing.assert_close(out[:, :3], ref[:, :3], atol=1e-9, rtol=0)
+    w = torch.randn_like(out)
+    w[:, 3] = 0
+    g, = torch.autograd.grad((out * w).sum(), fm, retain_graph=True)
+    r_g, = torch.autograd.grad((ref * w).sum(), fm)
+    assert rel_err(g, r_g) < 1e-8
+    g_all, = torch.autograd.grad((out * torch.randn_like(out)).sum(), fm)
+    assert torch.isfinite(g_all).all()
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("c,hw", [(40, 60), (60, 40)])
+def test_rank_below_k_on_large_gram(backend, c, hw):
+    """Rank 2 < k = 6 with a Gram large enough for the iteration: zero tail, zero gradient there."""
+    fm = controlled_map(3, c, hw, [3.0, 1.0]).to(device_of(backend)).requires_grad_()
+    # The default eps (sqrt(machine eps)) sits exactly where the Gram's rounding puts σ_3 of a
+    # rank-2 map, so the zero tail is only well defined with a larger eps.
+    out = mf.ops.topk_singular_vectors(fm, 6, eps=1e-6, backend=backend)
+    assert (out[:, 2:] == 0).all()
+    ref = mf.ops.topk_singular_vectors(fm, 6, eps=1e-6, backend="reference")
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=0)
+    w = torch.randn_like(out)
+    g, = torch.autograd.grad((out * w).sum(), fm)
+    r_g, = torch.autograd.grad((ref * w).sum(), fm)
+    assert rel_err(g, r_g) < 1e-8
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_zero_and_mixed_batch(backend):
+    """A batch mixing an all-zero map with ordinary ones: zeros (and zero gradient) only there."""
+    fm = torch.relu(torch.randn(3, 40, 64, dtype=torch.float64, device=device_of(backend)))
+    fm[1] = 0
+    fm.requires_grad_()
+    out = mf.ops.topk_singular_vectors(fm, 3, backend=backend)
+    assert (out[1] == 0).all() and (out[[0, 2]].norm(dim=-1) > 0.99).all()
+    out.sum().backward()
+    assert (fm.grad[1] == 0).all() and torch.isfinite(fm.grad).all()
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_deterministic(backend):
+    fm = torch.relu(torch.randn(5, 50, 70, device=device_of(backend)))
+    a = mf.ops.topk_singular_vectors(fm, 4, backend=backend)
+    b = mf.ops.topk_singular_vectors(fm, 4, backend=backend)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_gradcheck_iterative_route(backend):
+    fm = controlled_map(2, 30, 28, decaying(28, 0.75)).to(device_of(backend)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: mf.ops.topk_singular_vectors(x, 3, backend=backend), (fm,))
+
+
+# ---------------------------------------------------------------------------- op registration
+
+def svd_samples():
+    for (b, c, spatial), k, grad in [((3, 7, (5,)), 2, True), ((2, 30, (6, 6)), 3, True),
+                                     ((2, 40, (5, 5)), 4, False), ((2, 9, (4, 4)), 1, False),
+                                     ((1, 26, (40,)), 8, True)]:
+        fm = torch.relu(torch.randn(b, c, *spatial, dtype=torch.float64)).requires_grad_(grad)
+        yield fm, k, 1.5e-8
+
+
+@pytest.mark.parametrize("sample", list(svd_samples()))
+def test_opcheck_topk_singular_vectors(sample):
+    torch.library.opcheck(torch.ops.mhgd_fast.topk_singular_vectors.default, sample)
+
+
+def test_opcheck_topk_singular_vectors_backward():
+    for c, hw, k in [(7, 5, 2), (30, 36, 3), (40, 25, 4)]:
+        fm = torch.relu(torch.randn(2, c, hw, dtype=torch.float64))
+        _, gram, vecs, lam = torch.ops.mhgd_fast.topk_singular_vectors(fm, k, 1.5e-8)
+        torch.library.opcheck(torch.ops.mhgd_fast.topk_singular_vectors_backward.default,
+                              (torch.randn(2, k, c, dtype=torch.float64), fm, gram, vecs, lam, k, 1.5e-8))
+
+
+def test_torch_compile_fullgraph_topk_singular_vectors():
+    def loss_fn(fm, w):
+        return (mf.ops.topk_singular_vectors(fm, 4, backend="cpu") * w).sum()
+
+    compiled_fn = torch.compile(loss_fn, fullgraph=True)
+    fm = torch.relu(torch.randn(3, 24, 6, 6, dtype=torch.float64)).requires_grad_()
+    w = torch.randn(3, 4, 24, dtype=torch.float64)
+    out = compiled_fn(fm, w)
+    g, = torch.autograd.grad(out, fm)
+    ref = loss_fn(fm, w)
+    r_g, = torch.autograd.grad(ref, fm)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(g, r_g)
+
+
+def test_direct_op_call_checks_inputs():
+    with pytest.raises(RuntimeError, match="k must be >= 1"):
+        torch.ops.mhgd_fast.topk_singular_vectors(torch.randn(2, 3, 4), 0, 1e-4)
+    fm = torch.randn(2, 5, 6)
+    _, gram, vecs, lam = torch.ops.mhgd_fast.topk_singular_vectors(fm, 2, 1e-4)
+    with pytest.raises(RuntimeError, match="grad must be"):
+        torch.ops.mhgd_fast.topk_singular_vectors_backward(torch.randn(2, 3, 5), fm, gram, vecs, lam, 2, 1e-4)
