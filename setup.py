@@ -77,10 +77,15 @@ def want_cuda():
               file=sys.stderr)
         return False
     if not _cuda_home:
-        sys.exit("mhgd_fast: CUDA requested but no CUDA toolkit (nvcc + libcudart) was found; "
-                 "set CUDA_HOME to the toolkit root.")
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        message = "no CUDA toolkit (nvcc + libcudart) was found; set CUDA_HOME to the toolkit root"
+        if forced:
+            sys.exit(f"mhgd_fast: FORCE_CUDA=1 but {message}.")
+        print(f"mhgd_fast: a GPU is visible but {message}: building the CPU kernels only", file=sys.stderr)
+        return False
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        # No GPU: the default archs. A visible GPU: torch targets the visible devices; record them.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS if not torch.cuda.is_available() else ";".join(
+            sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}))
     return True
 
 

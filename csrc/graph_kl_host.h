@@ -46,15 +46,18 @@ inline Grads make_grads(const GraphKL& p, const std::array<bool, 4>& mask) {
           mask[0], mask[1], mask[2], mask[3]};
 }
 
-// Gradients in the inputs' dtypes and layouts (contiguous); zeros where none was asked for.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grads_as_inputs(const Grads& g, const at::Tensor& q_s,
-                                                                          const at::Tensor& k_s,
-                                                                          const at::Tensor& q_t,
-                                                                          const at::Tensor& k_t) {
-  auto as_input = [](const at::Tensor& grad, const at::Tensor& x) {
-    return grad.defined() ? grad.to(x.scalar_type()) : at::zeros(x.sizes(), x.options());
+// The gradients, zeros where none was asked for: in the inputs' dtypes, or (`accumulation`) in
+// the accumulation dtype, which the fused op keeps until the upstream gradient has scaled them.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_grads(const Grads& g, const at::Tensor& q_s,
+                                                                              const at::Tensor& k_s,
+                                                                              const at::Tensor& q_t,
+                                                                              const at::Tensor& k_t,
+                                                                              bool accumulation = false) {
+  auto finish = [accumulation](const at::Tensor& grad, const at::Tensor& x) {
+    const auto dtype = accumulation ? accumulate_type(x.scalar_type()) : x.scalar_type();
+    return grad.defined() ? grad.to(dtype) : at::zeros(x.sizes(), x.options().dtype(dtype));
   };
-  return {as_input(g.dq_s, q_s), as_input(g.dk_s, k_s), as_input(g.dq_t, q_t), as_input(g.dk_t, k_t)};
+  return {finish(g.dq_s, q_s), finish(g.dk_s, k_s), finish(g.dq_t, q_t), finish(g.dk_t, k_t)};
 }
 
 }  // namespace mhgd_fast

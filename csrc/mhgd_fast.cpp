@@ -25,7 +25,8 @@ TORCH_LIBRARY(mhgd_fast, m) {
       " Tensor lse_s, Tensor lse_t, bool squash_tanh, float scale, bool teacher_student, bool[4] grad_mask)"
       " -> (Tensor, Tensor, Tensor, Tensor)");
   // Loss (sum, or mean over H*N rows) and its gradients in the same pass: four GEMMs per head
-  // instead of six when the loss is a scalar.
+  // instead of six when the loss is a scalar. Gradients in the accumulation dtype (float32 for
+  // 16-bit inputs) so that the upstream gradient scales them before any rounding to 16 bits.
   m.def(
       "graph_kl_fused(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, bool squash_tanh, float scale,"
       " bool teacher_student, bool mean, bool[4] grad_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");

@@ -50,7 +50,7 @@ if _C is not None:
     @torch.library.register_fake("mhgd_fast::graph_kl_fused")
     def _graph_kl_fused_fake(q_s, k_s, q_t, k_t, squash_tanh, scale, teacher_student, mean, grad_mask):
         loss = q_s.new_empty((), dtype=compute_dtype(q_s.dtype))
-        return (loss,) + tuple(x.new_empty(x.shape) for x in (q_s, k_s, q_t, k_t))
+        return (loss,) + tuple(x.new_empty(x.shape, dtype=compute_dtype(x.dtype)) for x in (q_s, k_s, q_t, k_t))
 
     def _graph_kl_setup(ctx, inputs, output):
         q_s, k_s, q_t, k_t, squash_tanh, scale, teacher_student = inputs
@@ -70,14 +70,16 @@ if _C is not None:
         ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(*output[1:])
         ctx.grad_mask = inputs[-1]
+        ctx.dtypes = [t.dtype for t in inputs[:4]]
 
     def _graph_kl_fused_backward(ctx, grad_loss, *unused):
         if torch.is_grad_enabled():
             # The saved gradients are constants: a second derivative through them would be wrong.
             raise RuntimeError("mhgd_fast graph_kl (fused CPU/CUDA kernel) does not support double "
                                "backward; use backend='reference' for higher-order gradients")
-        grads = tuple((grad_loss * g).to(g.dtype) if needed else None
-                      for g, needed in zip(ctx.saved_tensors, ctx.grad_mask))
+        # Scaled in the accumulation dtype, then rounded to the input's (AMP's loss scale included).
+        grads = tuple((grad_loss * g).to(dtype) if needed else None
+                      for g, needed, dtype in zip(ctx.saved_tensors, ctx.grad_mask, ctx.dtypes))
         return grads + (None,) * 5
 
     torch.library.register_autograd("mhgd_fast::graph_kl_fused", _graph_kl_fused_backward,

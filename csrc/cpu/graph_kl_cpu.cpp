@@ -1,9 +1,10 @@
-// Fused graph-KL loss on the CPU (MHGD_SPEC.md §7): the [H, N, M] graphs are never stored.
+// Fused graph-KL loss on the CPU (MHGD_SPEC.md §7): the [H, N, M] graphs are never stored
+// (except small ones, up to kWholeGraphBytes, which are made whole to save GEMM calls).
 // Work is split over (head, chunk of rows); each task streams blocks of rows whose logit strips
 // ([rows, M], student and teacher) fit in cache: two GEMMs make the strips, the row math
 // (graph_kl_rows.h, AVX2 or generic) reduces them, and two GEMMs per side turn the logit
-// gradients into dq and dk. Extra memory: O(H*N) row statistics plus per-task strips, plus one
-// dk accumulator per extra row chunk when there are more threads than heads.
+// gradients into dq and dk. Extra memory: O(H*N) row statistics plus per-task strips, plus a
+// dk accumulator per row chunk when there are more threads than heads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,53 +25,100 @@ namespace {
 
 // AVX2+FMA row math when the CPU has it; MHGD_FAST_CPU_CAPABILITY=generic forces the portable path.
 bool use_avx2() {
+#ifdef MHGD_HAVE_AVX2_ROWS
   static const bool avx2 = [] {
     const char* forced = std::getenv("MHGD_FAST_CPU_CAPABILITY");
     if (forced != nullptr && std::strcmp(forced, "generic") == 0) return false;
-#if defined(__x86_64__) || defined(__i386__)
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return false;
-#endif
   }();
   return avx2;
+#else
+  return false;
+#endif
 }
+
+#ifdef MHGD_HAVE_AVX2_ROWS
+#define MHGD_ROWS_CALL(fn, ...) (use_avx2() ? cpu::avx2::fn(__VA_ARGS__) : cpu::generic::fn(__VA_ARGS__))
+#else
+#define MHGD_ROWS_CALL(fn, ...) cpu::generic::fn(__VA_ARGS__)
+#endif
 
 template <typename T>
 void squash_rows(T* s, T* t, int64_t rows, int64_t cols, T scale, bool squash_tanh) {
-  use_avx2() ? cpu::avx2::squash_rows(s, t, rows, cols, scale, squash_tanh)
-             : cpu::generic::squash_rows(s, t, rows, cols, scale, squash_tanh);
+  MHGD_ROWS_CALL(squash_rows, s, t, rows, cols, scale, squash_tanh);
 }
 
 template <typename T>
 void kl_rows(const T* s, const T* t, int64_t rows, int64_t cols, bool ts, T* kl, T* lse_s, T* lse_t) {
-  use_avx2() ? cpu::avx2::kl_rows(s, t, rows, cols, ts, kl, lse_s, lse_t)
-             : cpu::generic::kl_rows(s, t, rows, cols, ts, kl, lse_s, lse_t);
+  MHGD_ROWS_CALL(kl_rows, s, t, rows, cols, ts, kl, lse_s, lse_t);
 }
 
 template <typename T>
 void kl_grad_rows(T* s, T* t, int64_t rows, int64_t cols, bool squash_tanh, bool ts, const T* kl, const T* lse_s,
                   const T* lse_t, const T* row_scale, bool want_s, bool want_t) {
-  use_avx2() ? cpu::avx2::kl_grad_rows(s, t, rows, cols, squash_tanh, ts, kl, lse_s, lse_t, row_scale, want_s, want_t)
-             : cpu::generic::kl_grad_rows(s, t, rows, cols, squash_tanh, ts, kl, lse_s, lse_t, row_scale, want_s,
-                                          want_t);
+  MHGD_ROWS_CALL(kl_grad_rows, s, t, rows, cols, squash_tanh, ts, kl, lse_s, lse_t, row_scale, want_s, want_t);
 }
 
-// Rows per block: the two [rows, M] strips take at most about 2 MiB each (cache resident, large
-// enough GEMMs), 8 to 256 rows; small graphs are one block per head (fewest GEMM calls).
+// Rows per block: the two [rows, M] strips take about 2 MiB each (cache resident, large enough
+// GEMMs), 8 to 256 rows (so more than 2 MiB once M exceeds 64 Ki floats).
 int64_t rows_per_block(int64_t cols, int64_t elem_size) {
   return std::clamp<int64_t>((int64_t{2} << 20) / std::max<int64_t>(cols * elem_size, 1), 8, 256);
 }
 
-// One streamed pass over every graph row.
-//  * compute_stats: writes kl/lse_s/lse_t (forward); otherwise reads them (backward).
-//  * grads.any(): also accumulates the gradients with dL/dKL_i = row_grad[i] (or grad_scalar
-//    for every row when row_grad is null).
+// What a pass computes. compute_stats: writes kl/lse_s/lse_t (forward), else reads them
+// (backward). grads.any(): also the gradients, with dL/dKL_i = row_grad[i] (or grad_scalar for
+// every row when row_grad is null).
 template <typename T>
-void sweep(const GraphKL& p, bool compute_stats, T* kl, T* lse_s, T* lse_t, const T* row_grad, T grad_scalar,
-           Grads& g) {
+struct Pass {
+  bool compute_stats;
+  T* kl;
+  T* lse_s;
+  T* lse_t;
+  const T* row_grad;
+  T grad_scalar;
+};
+
+// The row math on `rows` raw logit rows starting at graph row `off` (= h*N + i): squash, the row
+// statistics and, when gradients are wanted, dL/d(q k^T) in place. `row_scale` holds `rows` values.
+template <typename T>
+void process_rows(const GraphKL& p, const Pass<T>& pass, const Grads& g, T* sp, T* tp, int64_t rows, int64_t off,
+                  T* row_scale) {
+  const int64_t M = p.cols();
+  const T scale = static_cast<T>(p.scale);
+  squash_rows<T>(sp, tp, rows, M, scale, p.squash_tanh);
+  if (pass.compute_stats)
+    kl_rows<T>(sp, tp, rows, M, p.teacher_student, pass.kl + off, pass.lse_s + off, pass.lse_t + off);
+  if (!g.any()) return;
+  for (int64_t i = 0; i < rows; ++i) row_scale[i] = (pass.row_grad ? pass.row_grad[off + i] : pass.grad_scalar) * scale;
+  kl_grad_rows<T>(sp, tp, rows, M, p.squash_tanh, p.teacher_student, pass.kl + off, pass.lse_s + off,
+                  pass.lse_t + off, row_scale, g.student(), g.teacher());
+}
+
+// Graphs whose two [H, N, M] logit tensors fit in this many bytes are made whole: one batched
+// GEMM per product instead of one call per head and row block (small batches are call-bound).
+constexpr int64_t kWholeGraphBytes = int64_t{4} << 20;
+
+template <typename T>
+void whole_graph_pass(const GraphKL& p, const Pass<T>& pass, Grads& g) {
+  const int64_t M = p.cols();
+  at::Tensor s = at::bmm(p.q_s, p.k_s.transpose(1, 2)), t = at::bmm(p.q_t, p.k_t.transpose(1, 2));
+  T* sp = s.data_ptr<T>();
+  T* tp = t.data_ptr<T>();
+  at::parallel_for(0, p.heads() * p.rows(), std::max<int64_t>(1, 16384 / M), [&](int64_t begin, int64_t end) {
+    std::vector<T> row_scale(end - begin);
+    process_rows(p, pass, g, sp + begin * M, tp + begin * M, end - begin, begin, row_scale.data());
+  });
+  if (g.q_s) at::bmm_out(g.dq_s, s, p.k_s);
+  if (g.k_s) at::bmm_out(g.dk_s, s.transpose(1, 2), p.q_s);
+  if (g.q_t) at::bmm_out(g.dq_t, t, p.k_t);
+  if (g.k_t) at::bmm_out(g.dk_t, t.transpose(1, 2), p.q_t);
+}
+
+// One streamed pass over every graph row: tasks of (head, chunk of row blocks); per block two
+// GEMMs make the logit strips, the row math reduces them, two GEMMs per side give dq and dk.
+template <typename T>
+void streamed_pass(const GraphKL& p, const Pass<T>& pass, Grads& g) {
   const int64_t H = p.heads(), N = p.rows(), M = p.cols();
-  if (H == 0 || N == 0) return;
   const int64_t block = rows_per_block(M, sizeof(T));
   const int64_t blocks = (N + block - 1) / block;
   // Enough (head, row chunk) tasks for every thread; each chunk beyond the first per head
@@ -81,7 +129,6 @@ void sweep(const GraphKL& p, bool compute_stats, T* kl, T* lse_s, T* lse_t, cons
   at::Tensor dk_s_parts, dk_t_parts;
   if (chunks > 1 && g.k_s) dk_s_parts = at::zeros({chunks, H, M, p.k_s.size(2)}, p.k_s.options());
   if (chunks > 1 && g.k_t) dk_t_parts = at::zeros({chunks, H, M, p.k_t.size(2)}, p.k_t.options());
-  const T scale = static_cast<T>(p.scale);
 
   at::parallel_for(0, H * chunks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor strip_s = at::empty({block, M}, p.q_s.options());
@@ -100,15 +147,7 @@ void sweep(const GraphKL& p, bool compute_stats, T* kl, T* lse_s, T* lse_t, cons
         at::Tensor s = strip_s.narrow(0, 0, rows), t = strip_t.narrow(0, 0, rows);
         at::mm_out(s, qs.narrow(0, r0, rows), ks.t());
         at::mm_out(t, qt.narrow(0, r0, rows), kt.t());
-        T* sp = s.data_ptr<T>();
-        T* tp = t.data_ptr<T>();
-        squash_rows<T>(sp, tp, rows, M, scale, p.squash_tanh);
-        const int64_t off = h * N + r0;
-        if (compute_stats) kl_rows<T>(sp, tp, rows, M, p.teacher_student, kl + off, lse_s + off, lse_t + off);
-        if (!g.any()) continue;
-        for (int64_t i = 0; i < rows; ++i) row_scale[i] = (row_grad ? row_grad[off + i] : grad_scalar) * scale;
-        kl_grad_rows<T>(sp, tp, rows, M, p.squash_tanh, p.teacher_student, kl + off, lse_s + off, lse_t + off,
-                        row_scale.data(), g.student(), g.teacher());
+        process_rows(p, pass, g, s.data_ptr<T>(), t.data_ptr<T>(), rows, h * N + r0, row_scale.data());
         // dq[rows] = dZ k ; dk += dZ^T q[rows]
         if (g.q_s) {
           at::Tensor dq = g.dq_s[h].narrow(0, r0, rows);
@@ -125,6 +164,17 @@ void sweep(const GraphKL& p, bool compute_stats, T* kl, T* lse_s, T* lse_t, cons
   });
   if (dk_s_parts.defined()) g.dk_s.copy_(dk_s_parts.sum(0));
   if (dk_t_parts.defined()) g.dk_t.copy_(dk_t_parts.sum(0));
+}
+
+template <typename T>
+void sweep(const GraphKL& p, bool compute_stats, T* kl, T* lse_s, T* lse_t, const T* row_grad, T grad_scalar,
+           Grads& g) {
+  if (p.heads() == 0 || p.rows() == 0) return;
+  const Pass<T> pass{compute_stats, kl, lse_s, lse_t, row_grad, grad_scalar};
+  if (2 * p.heads() * p.rows() * p.cols() * static_cast<int64_t>(sizeof(T)) <= kWholeGraphBytes)
+    whole_graph_pass(p, pass, g);
+  else
+    streamed_pass(p, pass, g);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_kl_cpu(const at::Tensor& q_s, const at::Tensor& k_s,
@@ -158,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_kl_backward_cpu
                     const_cast<scalar_t*>(ls.data_ptr<scalar_t>()), const_cast<scalar_t*>(lt.data_ptr<scalar_t>()),
                     g_rows.data_ptr<scalar_t>(), 0, g);
   });
-  return grads_as_inputs(g, q_s, k_s, q_t, k_t);
+  return finish_grads(g, q_s, k_s, q_t, k_t);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_kl_fused_cpu(
@@ -176,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_kl_
                     nullptr, grad_scalar, g);
   });
   at::Tensor loss = mean ? kl.mean() : kl.sum();
-  auto [dq_s, dk_s, dq_t, dk_t] = grads_as_inputs(g, q_s, k_s, q_t, k_t);
+  auto [dq_s, dk_s, dq_t, dk_t] = finish_grads(g, q_s, k_s, q_t, k_t, /*accumulation=*/true);
   return {loss, dq_s, dk_s, dq_t, dk_t};
 }
 

@@ -23,5 +23,9 @@
                     bool want_t);                                                                    \
   }
 
+// The AVX2 variant needs x86-64 and g++'s target pragma; elsewhere only the generic one exists.
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
+#define MHGD_HAVE_AVX2_ROWS 1
 MHGD_DECLARE_GRAPH_KL_ROWS(avx2)
+#endif
 MHGD_DECLARE_GRAPH_KL_ROWS(generic)

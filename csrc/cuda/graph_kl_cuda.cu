@@ -43,11 +43,11 @@ kernels::GraphKLArgs<T> make_args(const GraphKL& p, at::Tensor& kl, at::Tensor& 
 
 // Launches `kernel` with one warp per item (rows or columns of every head).
 template <typename Kernel, typename... Args>
-void launch_per_warp(Kernel kernel, int64_t items, int64_t dim, int64_t elem_size, Args... args) {
+void launch_per_warp(Kernel kernel, int64_t items, int64_t dim, int64_t elem_size, int vectors, Args... args) {
   if (items == 0) return;
   const int64_t blocks = (items + kernels::kGraphKLWarps - 1) / kernels::kGraphKLWarps;
   TORCH_CHECK(blocks < (int64_t{1} << 31), "graph_kl: too many graph rows for one launch");
-  const int64_t shared = kernels::graph_kl_shared_bytes(dim, elem_size);
+  const int64_t shared = kernels::graph_kl_shared_bytes(dim, elem_size, vectors);
   if (shared > 48 * 1024) {
     int device = 0, limit = 0;
     C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -68,13 +68,14 @@ void run(const GraphKL& p, bool forward, at::Tensor& kl, at::Tensor& lse_s, at::
   const int64_t dim = p.q_s.size(2), size = sizeof(T);
   const auto args = make_args<T>(p, kl, lse_s, lse_t, row_grad, grad_scalar);
   auto ptr = [](bool wanted, at::Tensor& x) { return wanted ? x.data_ptr<T>() : nullptr; };
-  if (forward) launch_per_warp(kernels::graph_kl_forward<T>, p.heads() * p.rows(), dim, size, args);
+  if (forward)
+    launch_per_warp(kernels::graph_kl_forward<T>, p.heads() * p.rows(), dim, size, kernels::kForwardVectors, args);
   if (g.q_s || g.q_t)
-    launch_per_warp(kernels::graph_kl_backward_rows<T>, p.heads() * p.rows(), dim, size, args, ptr(g.q_s, g.dq_s),
-                    ptr(g.q_t, g.dq_t));
+    launch_per_warp(kernels::graph_kl_backward_rows<T>, p.heads() * p.rows(), dim, size, kernels::kBackwardVectors,
+                    args, ptr(g.q_s, g.dq_s), ptr(g.q_t, g.dq_t));
   if (g.k_s || g.k_t)
-    launch_per_warp(kernels::graph_kl_backward_cols<T>, p.heads() * p.cols(), dim, size, args, ptr(g.k_s, g.dk_s),
-                    ptr(g.k_t, g.dk_t));
+    launch_per_warp(kernels::graph_kl_backward_cols<T>, p.heads() * p.cols(), dim, size, kernels::kBackwardVectors,
+                    args, ptr(g.k_s, g.dk_s), ptr(g.k_t, g.dk_t));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_kl_cuda(const at::Tensor& q_s, const at::Tensor& k_s,
@@ -107,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_kl_backward_cud
   AT_DISPATCH_FLOATING_TYPES(acc, "graph_kl_backward_cuda", [&] {
     run<scalar_t>(p, false, kl_c, ls, lt, g_rows, scalar_t(0), g);
   });
-  return grads_as_inputs(g, q_s, k_s, q_t, k_t);
+  return finish_grads(g, q_s, k_s, q_t, k_t);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_kl_fused_cuda(
@@ -125,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_kl_
     run<scalar_t>(p, true, kl, lse_s, lse_t, at::Tensor(), grad_scalar, g);
   });
   at::Tensor loss = mean ? kl.mean() : kl.sum();
-  auto [dq_s, dk_s, dq_t, dk_t] = grads_as_inputs(g, q_s, k_s, q_t, k_t);
+  auto [dq_s, dk_s, dq_t, dk_t] = finish_grads(g, q_s, k_s, q_t, k_t, /*accumulation=*/true);
   return {loss, dq_s, dk_s, dq_t, dk_t};
 }
 

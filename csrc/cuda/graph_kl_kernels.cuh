@@ -7,8 +7,8 @@
 //  * graph_kl_backward_rows:  per row i, dq_i = sum_j dZ_ij k_j (student and/or teacher).
 //  * graph_kl_backward_cols:  per column j, dk_j = sum_i dZ_ij q_i. Every dk row is written by one
 //                             warp in a fixed order, so the backward is deterministic (no atomics).
-// A block holds kWarps warps; dynamic shared memory holds, per warp, the owned q (or k) vectors of
-// student and teacher and, in the backward, their gradient accumulators (4 * dim values).
+// A block holds kGraphKLWarps warps; dynamic shared memory holds, per warp, the owned q (or k)
+// vectors of student and teacher and, in the backward, their gradient accumulators.
 #pragma once
 
 #include <cstdint>
@@ -37,8 +37,12 @@ struct GraphKLArgs {
   T grad_scalar;
 };
 
-// Dynamic shared memory a launch of these kernels needs.
-inline int64_t graph_kl_shared_bytes(int64_t dim, int64_t elem_size) { return kGraphKLWarps * 4 * dim * elem_size; }
+// Dynamic shared memory per block: each warp holds `vectors` vectors of `dim` values (the forward
+// 2: its q rows; the backward 4: its owned vectors and their gradient accumulators).
+constexpr int kForwardVectors = 2, kBackwardVectors = 4;
+inline int64_t graph_kl_shared_bytes(int64_t dim, int64_t elem_size, int vectors) {
+  return kGraphKLWarps * vectors * dim * elem_size;
+}
 
 template <typename T>
 __device__ __forceinline__ T squash(T x, T scale, bool squash_tanh) {
@@ -85,7 +89,7 @@ __global__ void graph_kl_forward(const GraphKLArgs<T> a) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kGraphKLWarps + warp;  // over H * N
   if (row >= a.heads * a.rows) return;  // whole warps leave; no block-wide barrier follows
   const int64_t h = row / a.rows;
-  T* qs = shared + warp * 4 * a.dim;
+  T* qs = shared + warp * kForwardVectors * a.dim;
   T* qt = qs + a.dim;
   load_vector(qs, a.q_s + row * a.dim, a.dim, lane);
   load_vector(qt, a.q_t + row * a.dim, a.dim, lane);
@@ -144,7 +148,7 @@ __device__ void backward_sweep(const GraphKLArgs<T>& a, T* __restrict__ grad_s, 
   const T* own_t = kColumns ? a.k_t : a.q_t;
   const T* other_s = kColumns ? a.q_s : a.k_s;
   const T* other_t = kColumns ? a.q_t : a.k_t;
-  T* vs = shared + warp * 4 * a.dim;
+  T* vs = shared + warp * kBackwardVectors * a.dim;
   T* vt = vs + a.dim;
   T* acc_s = vt + a.dim;
   T* acc_t = acc_s + a.dim;

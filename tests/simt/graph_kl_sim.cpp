@@ -31,10 +31,10 @@ void write_array(const std::string& path, const std::vector<T>& a) {
 }
 
 template <typename T, typename Kernel, typename... Args>
-void launch_per_warp(Kernel kernel, int64_t items, int64_t dim, Args... args) {
+void launch_per_warp(Kernel kernel, int64_t items, int64_t dim, int vectors, Args... args) {
   namespace k = mhgd_fast::cuda_kernels;
   const dim3 grid(static_cast<unsigned>((items + k::kGraphKLWarps - 1) / k::kGraphKLWarps));
-  simt::launch(kernel, grid, dim3(k::kGraphKLWarps * 32), k::graph_kl_shared_bytes(dim, sizeof(T)), args...);
+  simt::launch(kernel, grid, dim3(k::kGraphKLWarps * 32), k::graph_kl_shared_bytes(dim, sizeof(T), vectors), args...);
 }
 
 template <typename T>
@@ -51,9 +51,9 @@ int run(char** argv) {
                                static_cast<T>(std::stod(argv[6])), std::string(argv[7]) == "1",
                                std::string(argv[8]) == "1", kl.data(), lse_s.data(), lse_t.data(), row_grad.data(),
                                T(0)};
-  launch_per_warp<T>(k::graph_kl_forward<T>, H * N, D, args);
-  launch_per_warp<T>(k::graph_kl_backward_rows<T>, H * N, D, args, dq_s.data(), dq_t.data());
-  launch_per_warp<T>(k::graph_kl_backward_cols<T>, H * M, D, args, dk_s.data(), dk_t.data());
+  launch_per_warp<T>(k::graph_kl_forward<T>, H * N, D, k::kForwardVectors, args);
+  launch_per_warp<T>(k::graph_kl_backward_rows<T>, H * N, D, k::kBackwardVectors, args, dq_s.data(), dq_t.data());
+  launch_per_warp<T>(k::graph_kl_backward_cols<T>, H * M, D, k::kBackwardVectors, args, dk_s.data(), dk_t.data());
   for (const auto& [name, array] : {std::pair{"kl", &kl}, {"lse_s", &lse_s}, {"lse_t", &lse_t}, {"dq_s", &dq_s},
                                     {"dk_s", &dk_s}, {"dq_t", &dq_t}, {"dk_t", &dk_t}})
     write_array(out + "/" + name + ".bin", *array);
