@@ -127,6 +127,56 @@ def test_repeated_value_at_the_cut_is_finite_and_exact_above_it(backend, c, hw):
     assert torch.isfinite(g_all).all()
 
 
+# Drop rule of §3 against the reference, float64, explicit eps = 1e-3: (C, HW) with HW < C (the
+# push-through backward on XXᵀ) and HW ≥ C; HW ≤ 17 keeps the full basis even for k = 1, larger
+# Grams take the k = 1 CG route with its spectral fallback.
+DROP_EPS = 1e-3
+DROP_SHAPES = [(41, 7), (45, 23), (23, 41), (7, 45)]
+
+
+def check_gradient_matches_reference(fm, k, backend, eps=DROP_EPS, tol=1e-10):
+    fm = fm.to(device_of(backend)).requires_grad_()
+    out = mf.ops.topk_singular_vectors(fm, k, eps=eps, backend=backend)
+    ref = mf.ops.topk_singular_vectors(fm, k, eps=eps, backend="reference")
+    assert (out.norm(dim=-1) > 0.5).all()  # every vector valid: the gradients are not trivially 0
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=0)
+    w = torch.randn_like(out)
+    g, = torch.autograd.grad((out * w).sum(), fm)
+    r_g, = torch.autograd.grad((ref * w).sum(), fm)
+    assert torch.isfinite(g).all()
+    assert rel_err(g, r_g) <= tol
+
+
+def tail(r, start, ratio=0.9):
+    return [start * ratio ** i for i in range(r)]
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("c,hw", DROP_SHAPES)
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_near_repeated_value_at_the_cut_drops_the_coupling(backend, c, hw, k):
+    """λ_k − λ_{k+1} ≤ eps·λ_max (σ_k, σ_{k+1} = s, s − 1e-4, vectors still unique): the reference
+    drops that coupling. The push-through form (HW < C) used to keep its r_l/λ_k part."""
+    r = min(c, hw)
+    top = [3.0, 2.6, 2.0, 1.5]
+    sigmas = top[:k] + [top[k - 1] - 1e-4] + tail(r - k - 1, 0.5 * top[k - 1])
+    torch.manual_seed(10 * k + c)
+    check_gradient_matches_reference(controlled_map(2, c, hw, sigmas), k, backend)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("c,hw", DROP_SHAPES)
+@pytest.mark.parametrize("k", [4, 5])
+def test_small_valid_vectors_drop_the_null_space_term(backend, c, hw, k):
+    """σ_4 = 0.03, σ_5 = 0.01 with σ_1 = 3 and eps = 1e-3: valid (σ > eps·σ_1) but λ ≤ eps·λ_max,
+    so the reference drops every coupling beyond the top k, its null-space term r/λ_i included;
+    the tail (σ ≤ eps·σ_1) is null space in the reference's HW < C route."""
+    r = min(c, hw)
+    sigmas = [3.0, 2.0, 1.0, 0.03, 0.01] + tail(r - 5, 0.002)
+    torch.manual_seed(10 * k + c)
+    check_gradient_matches_reference(controlled_map(2, c, hw, sigmas), k, backend)
+
+
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("c,hw", [(40, 60), (60, 40)])
 def test_rank_below_k_on_large_gram(backend, c, hw):

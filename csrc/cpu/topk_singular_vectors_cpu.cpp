@@ -302,19 +302,38 @@ Tensor project_out(const Tensor& basis, const Tensor& t) {
   return t - at::bmm(basis, at::bmm(basis.transpose(1, 2), t));
 }
 
-// y_j = Σ_l u_l (u_lᵀ rhs_j)/(λ_j − λ_l) over the full eigenbasis (l, u) of G, couplings with
-// |λ_j − λ_l| ≤ eps·λ_max dropped (the reference's rule), then kept orthogonal to E.
+// y_j = Σ_l u_l (u_lᵀ rhs_j) c_jl over the full eigenbasis (l, u) of G, then kept orthogonal to E.
+// Complete basis (G = XᵀX; sigma_floor undefined): c_jl = 1/(λ_j − λ_l), couplings with
+// |λ_j − λ_l| ≤ eps·λ_max dropped (the reference's rule).
+// Push-through (G = XXᵀ, rhs = X r; sigma_floor = eps·σ_max, [B]): the caller forms
+// w_j = (r + Xᵀy_j)/λ_j, whose component along v_l is r_l (1 + λ_l c_jl)/λ_j. The reference's value
+// is r_l/(λ_j − λ_l) (c_jl = 1/(λ_j − λ_l)), or 0 for a dropped coupling (c_jl = −1/λ_l, which
+// cancels r_l), or, for l with σ_l ≤ eps·σ_max (a null-space direction there), r_l/λ_j (c_jl = 0).
+// The caller zeroes the whole term when λ_j ≤ eps·λ_max (every coupling beyond the top k is then
+// dropped, and so is the reference's null-space block).
 Tensor spectral_solve(const Tensor& l, const Tensor& u, const Tensor& lam, const Tensor& rhs, const Tensor& thresh,
-                      const Tensor& e) {
+                      const Tensor& e, const Tensor& sigma_floor) {
   const Tensor diff = lam.unsqueeze(1) - l.unsqueeze(2);  // [B, n, kk]
-  const Tensor coupling =
-      at::where(at::abs(diff) > thresh.view({-1, 1, 1}), 1.0 / at::where(diff == 0, 1.0, diff), 0.0);
+  const Tensor kept = at::abs(diff) > thresh.view({-1, 1, 1});
+  const Tensor inverse = 1.0 / at::where(diff == 0, 1.0, diff);
+  Tensor coupling;
+  if (!sigma_floor.defined()) {
+    coupling = at::where(kept, inverse, 0.0);
+  } else {
+    const Tensor in_range = (l.clamp_min(0).sqrt() > sigma_floor.view({-1, 1})).unsqueeze(2);  // [B, n, 1]
+    const Tensor cancel = -1.0 / at::where(in_range, l.unsqueeze(2), 1.0);
+    coupling = at::where(in_range, at::where(kept, inverse, cancel), 0.0);
+  }
   return project_out(e, at::bmm(u, at::bmm(u.transpose(1, 2), rhs) * coupling));
 }
 
-// Solves (λ_j I − G) y_j = rhs_j with y_j ⊥ E for every sample and column j (rhs ⊥ E).
+// Solves (λ_j I − G) y_j = rhs_j with y_j ⊥ E for every sample and column j (rhs ⊥ E). Samples
+// taken by spectral_solve get its dropping rule (sigma_floor: see there). CG keeps every coupling
+// beyond the top k, which is what the reference's rule gives when no gap is within eps·λ_max,
+// except in the push-through form for directions with σ_l ≤ eps·σ_max: there CG's factor
+// λ_j/(λ_j − λ_l) against the reference's 1 differs by λ_l/λ_j ≤ eps² (kk = 1: λ_j = λ_max).
 Tensor complement_solve(const Tensor& g, const Tensor& e, const Tensor& lam_all, const Tensor& rhs,
-                        const Tensor& thresh, bool tight) {
+                        const Tensor& thresh, const Tensor& sigma_floor, bool tight) {
   const int64_t kk = e.size(2), n = g.size(1);
   const Tensor lam = lam_all.narrow(1, 0, kk);
   // A gap to λ_{k+1} (Ritz estimate) within eps·λ_max: the reference drops that coupling, CG can't.
@@ -351,7 +370,8 @@ Tensor complement_solve(const Tensor& g, const Tensor& e, const Tensor& lam_all,
   if (idx.numel() > 0) {
     auto [l, u] = descending_eigh(g.index_select(0, idx));
     y.index_copy_(0, idx, spectral_solve(l, u, lam.index_select(0, idx), rhs.index_select(0, idx),
-                                         thresh.index_select(0, idx), e.index_select(0, idx)));
+                                         thresh.index_select(0, idx), e.index_select(0, idx),
+                                         sigma_floor.defined() ? sigma_floor.index_select(0, idx) : Tensor()));
   }
   return y;
 }
@@ -371,10 +391,13 @@ Tensor topk_singular_vectors_backward_impl(const Tensor& grad, const Tensor& fm,
   const Tensor lam = eigenvalues.narrow(1, 0, kk);
   const Tensor thresh = eps * eigenvalues.narrow(1, 0, 1).squeeze(1);  // eps·λ_max, [B]
   const RightVectors rv = right_vectors(f, gram_vectors.narrow(2, 0, kk), eigenvalues, eps);
+  // eps·σ_max (as right_vectors computes it) for the push-through form; undefined for XᵀX.
+  const Tensor sigma_floor =
+      f.c_route ? Tensor() : eps * eigenvalues.narrow(1, 0, 1).squeeze(1).clamp_min(0).sqrt();
   // Solves (λ_j I − G) y_j = rhs_j on the complement of the top-k eigenvectors.
   auto solve = [&](const Tensor& rhs) {
-    if (full) return spectral_solve(eigenvalues, gram_vectors, lam, rhs, thresh, rv.e);
-    return complement_solve(gram.to(at::kDouble), rv.e, eigenvalues, rhs, thresh, tight);
+    if (full) return spectral_solve(eigenvalues, gram_vectors, lam, rhs, thresh, rv.e, sigma_floor);
+    return complement_solve(gram.to(at::kDouble), rv.e, eigenvalues, rhs, thresh, sigma_floor, tight);
   };
   const Tensor vmask = rv.valid.to(at::kDouble);
   // Gradient w.r.t. the unsigned vectors (sign and mask are constants).
@@ -392,12 +415,15 @@ Tensor topk_singular_vectors_backward_impl(const Tensor& grad, const Tensor& fm,
     w = w + solve(resid);
   } else {
     // Push-through: (λI − XᵀX)⁺ = (1/λ)[I + Xᵀ(λI − XXᵀ)⁺X] on the complement, so the solve runs
-    // on the HW×HW Gram with right-hand side X(I − VVᵀ)g.
+    // on the HW×HW Gram with right-hand side X(I − VVᵀ)g. Dropped couplings and the null-space
+    // block follow the reference (see spectral_solve): when λ_i ≤ eps·λ_max every term beyond the
+    // top k is dropped (λ_l ≤ λ_i for those l), the null-space one r/λ_i included.
     Tensor rhs = at::bmm(f.rows.transpose(1, 2), resid.to(acc)).to(at::kDouble);
     rhs = rhs - at::bmm(rv.e, at::bmm(rv.e.transpose(1, 2), rhs));
     const Tensor y = solve(rhs);
     const Tensor xty = at::bmm(f.rows, y.to(acc)).to(at::kDouble);
-    w = w + (resid + xty) / at::where(rv.valid, lam, 1.0).unsqueeze(1) * vmask.unsqueeze(1);
+    const Tensor beyond = at::logical_and(rv.valid, lam > thresh.view({-1, 1})).to(at::kDouble);
+    w = w + (resid + xty) / at::where(rv.valid, lam, 1.0).unsqueeze(1) * beyond.unsqueeze(1);
   }
   // ∂L/∂X = X(W + Wᵀ), W = Σ_i w_i v_iᵀ; in fm's layout (Xᵀ = rows): [V, w] (rowsᵀ[w, V])ᵀ.
   const Tensor left = at::cat({rv.v, w}, 2).to(acc);
