@@ -40,9 +40,11 @@ struct Grads {
   bool any() const { return student() || teacher(); }
 };
 
+// dq is always written whole; dk may be accumulated into, so it starts at zero.
 inline Grads make_grads(const GraphKL& p, const std::array<bool, 4>& mask) {
+  auto empty_if = [](bool wanted, const at::Tensor& x) { return wanted ? at::empty_like(x) : at::Tensor(); };
   auto zeros_if = [](bool wanted, const at::Tensor& x) { return wanted ? at::zeros_like(x) : at::Tensor(); };
-  return {zeros_if(mask[0], p.q_s), zeros_if(mask[1], p.k_s), zeros_if(mask[2], p.q_t), zeros_if(mask[3], p.k_t),
+  return {empty_if(mask[0], p.q_s), zeros_if(mask[1], p.k_s), empty_if(mask[2], p.q_t), zeros_if(mask[3], p.k_t),
           mask[0], mask[1], mask[2], mask[3]};
 }
 

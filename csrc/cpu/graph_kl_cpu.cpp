@@ -49,14 +49,16 @@ void squash_rows(T* s, T* t, int64_t rows, int64_t cols, T scale, bool squash_ta
 }
 
 template <typename T>
-void kl_rows(const T* s, const T* t, int64_t rows, int64_t cols, bool ts, T* kl, T* lse_s, T* lse_t) {
-  MHGD_ROWS_CALL(kl_rows, s, t, rows, cols, ts, kl, lse_s, lse_t);
+void kl_rows(const T* s, const T* t, int64_t rows, int64_t cols, bool ts, T* kl, T* lse_s, T* lse_t, T* p_s,
+             T* p_t) {
+  MHGD_ROWS_CALL(kl_rows, s, t, rows, cols, ts, kl, lse_s, lse_t, p_s, p_t);
 }
 
 template <typename T>
 void kl_grad_rows(T* s, T* t, int64_t rows, int64_t cols, bool squash_tanh, bool ts, const T* kl, const T* lse_s,
-                  const T* lse_t, const T* row_scale, bool want_s, bool want_t) {
-  MHGD_ROWS_CALL(kl_grad_rows, s, t, rows, cols, squash_tanh, ts, kl, lse_s, lse_t, row_scale, want_s, want_t);
+                  const T* lse_t, const T* row_scale, bool want_s, bool want_t, const T* p_s, const T* p_t) {
+  MHGD_ROWS_CALL(kl_grad_rows, s, t, rows, cols, squash_tanh, ts, kl, lse_s, lse_t, row_scale, want_s, want_t,
+                 p_s, p_t);
 }
 
 // Rows per block: the two [rows, M] strips take about 2 MiB each (cache resident, large enough
@@ -78,20 +80,32 @@ struct Pass {
   T grad_scalar;
 };
 
+// Scratch of one task: row scales, and the rows' probabilities that a forward with gradients
+// hands from the statistics to the gradient (two fewer exponentials per element).
+template <typename T>
+struct RowScratch {
+  std::vector<T> row_scale, p_s, p_t;
+  RowScratch(int64_t rows, int64_t cols, bool keep_probs)
+      : row_scale(rows), p_s(keep_probs ? rows * cols : 0), p_t(keep_probs ? rows * cols : 0) {}
+};
+
 // The row math on `rows` raw logit rows starting at graph row `off` (= h*N + i): squash, the row
-// statistics and, when gradients are wanted, dL/d(q k^T) in place. `row_scale` holds `rows` values.
+// statistics and, when gradients are wanted, dL/d(q k^T) in place.
 template <typename T>
 void process_rows(const GraphKL& p, const Pass<T>& pass, const Grads& g, T* sp, T* tp, int64_t rows, int64_t off,
-                  T* row_scale) {
+                  RowScratch<T>& scratch) {
   const int64_t M = p.cols();
   const T scale = static_cast<T>(p.scale);
+  T* p_s = scratch.p_s.empty() ? nullptr : scratch.p_s.data();
+  T* p_t = scratch.p_t.empty() ? nullptr : scratch.p_t.data();
   squash_rows<T>(sp, tp, rows, M, scale, p.squash_tanh);
   if (pass.compute_stats)
-    kl_rows<T>(sp, tp, rows, M, p.teacher_student, pass.kl + off, pass.lse_s + off, pass.lse_t + off);
+    kl_rows<T>(sp, tp, rows, M, p.teacher_student, pass.kl + off, pass.lse_s + off, pass.lse_t + off, p_s, p_t);
   if (!g.any()) return;
+  T* row_scale = scratch.row_scale.data();
   for (int64_t i = 0; i < rows; ++i) row_scale[i] = (pass.row_grad ? pass.row_grad[off + i] : pass.grad_scalar) * scale;
   kl_grad_rows<T>(sp, tp, rows, M, p.squash_tanh, p.teacher_student, pass.kl + off, pass.lse_s + off,
-                  pass.lse_t + off, row_scale, g.student(), g.teacher());
+                  pass.lse_t + off, row_scale, g.student(), g.teacher(), p_s, p_t);
 }
 
 // Graphs whose two [H, N, M] logit tensors fit in this many bytes are made whole: one batched
@@ -105,8 +119,8 @@ void whole_graph_pass(const GraphKL& p, const Pass<T>& pass, Grads& g) {
   T* sp = s.data_ptr<T>();
   T* tp = t.data_ptr<T>();
   at::parallel_for(0, p.heads() * p.rows(), std::max<int64_t>(1, 16384 / M), [&](int64_t begin, int64_t end) {
-    std::vector<T> row_scale(end - begin);
-    process_rows(p, pass, g, sp + begin * M, tp + begin * M, end - begin, begin, row_scale.data());
+    RowScratch<T> scratch(end - begin, M, pass.compute_stats && g.any());
+    process_rows(p, pass, g, sp + begin * M, tp + begin * M, end - begin, begin, scratch);
   });
   if (g.q_s) at::bmm_out(g.dq_s, s, p.k_s);
   if (g.k_s) at::bmm_out(g.dk_s, s.transpose(1, 2), p.q_s);
@@ -133,7 +147,7 @@ void streamed_pass(const GraphKL& p, const Pass<T>& pass, Grads& g) {
   at::parallel_for(0, H * chunks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor strip_s = at::empty({block, M}, p.q_s.options());
     at::Tensor strip_t = at::empty({block, M}, p.q_s.options());
-    std::vector<T> row_scale(block);
+    RowScratch<T> scratch(block, M, pass.compute_stats && g.any());
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task / chunks, chunk = task % chunks;
       const at::Tensor qs = p.q_s[h], ks = p.k_s[h], qt = p.q_t[h], kt = p.k_t[h];
@@ -147,7 +161,7 @@ void streamed_pass(const GraphKL& p, const Pass<T>& pass, Grads& g) {
         at::Tensor s = strip_s.narrow(0, 0, rows), t = strip_t.narrow(0, 0, rows);
         at::mm_out(s, qs.narrow(0, r0, rows), ks.t());
         at::mm_out(t, qt.narrow(0, r0, rows), kt.t());
-        process_rows(p, pass, g, s.data_ptr<T>(), t.data_ptr<T>(), rows, h * N + r0, row_scale.data());
+        process_rows(p, pass, g, s.data_ptr<T>(), t.data_ptr<T>(), rows, h * N + r0, scratch);
         // dq[rows] = dZ k ; dk += dZ^T q[rows]
         if (g.q_s) {
           at::Tensor dq = g.dq_s[h].narrow(0, r0, rows);

@@ -53,7 +53,7 @@ void squash_rows(T* s, T* t, int64_t rows, int64_t cols, T scale, bool squash_ta
 
 template <typename T>
 void kl_rows(const T* s, const T* t, int64_t rows, int64_t cols, bool teacher_student, T* kl, T* lse_s,
-             T* lse_t) {
+             T* lse_t, T* p_s, T* p_t) {
   const int64_t vec_end = cols - cols % Vec<T>::size();
   for (int64_t i = 0; i < rows; ++i) {
     const T* si = s + i * cols;
@@ -75,6 +75,10 @@ void kl_rows(const T* s, const T* t, int64_t rows, int64_t cols, bool teacher_st
     for (j = 0; j < vec_end; j += Vec<T>::size()) {
       const Vec<T> vs = Vec<T>::loadu(si + j), vt = Vec<T>::loadu(ti + j);
       const Vec<T> es = (vs - vms).exp(), et = (vt - vmt).exp();
+      if (p_s) {
+        es.store(p_s + i * cols + j);
+        et.store(p_t + i * cols + j);
+      }
       vsum_s = vsum_s + es;
       vsum_t = vsum_t + et;
       vcross = teacher_student ? at::vec::fmadd(et, vt - vs, vcross) : at::vec::fmadd(es, vs - vt, vcross);
@@ -82,9 +86,20 @@ void kl_rows(const T* s, const T* t, int64_t rows, int64_t cols, bool teacher_st
     T sum_s = horizontal_sum(vsum_s), sum_t = horizontal_sum(vsum_t), cross = horizontal_sum(vcross);
     for (; j < cols; ++j) {
       const T es = std::exp(si[j] - max_s), et = std::exp(ti[j] - max_t);
+      if (p_s) {
+        p_s[i * cols + j] = es;
+        p_t[i * cols + j] = et;
+      }
       sum_s += es;
       sum_t += et;
       cross += teacher_student ? et * (ti[j] - si[j]) : es * (si[j] - ti[j]);
+    }
+    if (p_s) {  // normalise the stored exponentials into the rows' probabilities
+      const T inv_s = T(1) / sum_s, inv_t = T(1) / sum_t;
+      for (int64_t j = 0; j < cols; ++j) {
+        p_s[i * cols + j] *= inv_s;
+        p_t[i * cols + j] *= inv_t;
+      }
     }
     lse_s[i] = max_s + std::log(sum_s);
     lse_t[i] = max_t + std::log(sum_t);
@@ -95,7 +110,8 @@ void kl_rows(const T* s, const T* t, int64_t rows, int64_t cols, bool teacher_st
 
 template <typename T>
 void kl_grad_rows(T* s, T* t, int64_t rows, int64_t cols, bool squash_tanh, bool teacher_student, const T* kl,
-                  const T* lse_s, const T* lse_t, const T* row_scale, bool want_s, bool want_t) {
+                  const T* lse_s, const T* lse_t, const T* row_scale, bool want_s, bool want_t, const T* p_s,
+                  const T* p_t) {
   const int64_t vec_end = cols - cols % Vec<T>::size();
   const Vec<T> one(1);
   for (int64_t i = 0; i < rows; ++i) {
@@ -109,7 +125,9 @@ void kl_grad_rows(T* s, T* t, int64_t rows, int64_t cols, bool squash_tanh, bool
     for (; j < vec_end; j += Vec<T>::size()) {
       const Vec<T> vs = Vec<T>::loadu(si + j), vt = Vec<T>::loadu(ti + j);
       const Vec<T> log_ps = vs - vls, log_pt = vt - vlt;
-      const Vec<T> ps = log_ps.exp(), pt = log_pt.exp(), ell = log_ps - log_pt;
+      const Vec<T> ps = p_s ? Vec<T>::loadu(p_s + i * cols + j) : log_ps.exp();
+      const Vec<T> pt = p_t ? Vec<T>::loadu(p_t + i * cols + j) : log_pt.exp();
+      const Vec<T> ell = log_ps - log_pt;
       Vec<T> ds = teacher_student ? ps - pt : ps * (ell - vk);
       Vec<T> dt = teacher_student ? pt * (Vec<T>(0) - ell - vk) : pt - ps;
       if (squash_tanh) {
@@ -121,7 +139,8 @@ void kl_grad_rows(T* s, T* t, int64_t rows, int64_t cols, bool squash_tanh, bool
     }
     for (; j < cols; ++j) {
       const T vs = si[j], vt = ti[j];
-      const T ps = std::exp(vs - ls), pt = std::exp(vt - lt), ell = (vs - ls) - (vt - lt);
+      const T ps = p_s ? p_s[i * cols + j] : std::exp(vs - ls), pt = p_t ? p_t[i * cols + j] : std::exp(vt - lt);
+      const T ell = (vs - ls) - (vt - lt);
       T ds = teacher_student ? ps - pt : ps * (ell - k);
       T dt = teacher_student ? pt * (-ell - k) : pt - ps;
       if (squash_tanh) {
@@ -136,9 +155,9 @@ void kl_grad_rows(T* s, T* t, int64_t rows, int64_t cols, bool squash_tanh, bool
 
 #define MHGD_INSTANTIATE_GRAPH_KL_ROWS(T)                                                              \
   template void squash_rows<T>(T*, T*, int64_t, int64_t, T, bool);                                     \
-  template void kl_rows<T>(const T*, const T*, int64_t, int64_t, bool, T*, T*, T*);                    \
+  template void kl_rows<T>(const T*, const T*, int64_t, int64_t, bool, T*, T*, T*, T*, T*);            \
   template void kl_grad_rows<T>(T*, T*, int64_t, int64_t, bool, bool, const T*, const T*, const T*,   \
-                                const T*, bool, bool);
+                                const T*, bool, bool, const T*, const T*);
 MHGD_INSTANTIATE_GRAPH_KL_ROWS(float)
 MHGD_INSTANTIATE_GRAPH_KL_ROWS(double)
 #undef MHGD_INSTANTIATE_GRAPH_KL_ROWS
