@@ -54,8 +54,14 @@ def loss_fn(impl: str):
     return eager if impl == "eager" else torch.compile(eager, fullgraph=True)
 
 
+def warmup_calls(batch: int) -> int:
+    """Untimed calls first (the first also compiles): many for millisecond-sized cases, whose first
+    calls still pay for thread-pool and allocator warm-up."""
+    return 10 if batch <= 1024 else 1
+
+
 def measure_in_this_process(impl: str, batch: int, repeats: int, threads: int) -> ScalingResult:
-    """Times ``repeats`` fwd+bwd calls after one warm-up (which also compiles)."""
+    """Times ``repeats`` fwd+bwd calls after :func:`warmup_calls` untimed ones."""
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     inputs = [torch.randn(HEADS, batch, DIM, generator=gen) / DIM ** 0.25 for _ in range(4)]
@@ -68,7 +74,8 @@ def measure_in_this_process(impl: str, batch: int, repeats: int, threads: int) -
             t.grad = None
         loss(*inputs).backward()
 
-    step()
+    for _ in range(warmup_calls(batch)):
+        step()
     with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
         f.write("5")  # peak RSS := current RSS
     before = _rss_kib("VmRSS")
@@ -96,7 +103,7 @@ def plan(quick: bool) -> List[tuple]:
     """(impl, batch, repeats) in run order; the largest sizes get fewer repeats."""
     jobs = []
     for batch in BATCHES:
-        repeats = 3 if quick or batch >= 4096 else 7
+        repeats = 3 if quick or batch >= 4096 else 50 if batch <= 128 else 7
         jobs += [(impl, batch, repeats) for impl in IMPLEMENTATIONS]
     jobs += [("fused", batch, 1 if quick else 3) for batch in FUSED_ONLY_BATCHES]
     return jobs

@@ -115,7 +115,7 @@ def _bench_scaling(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     print(f"graph_kl fwd+bwd (sum, tanh), H={bench_scaling.HEADS}, d={bench_scaling.DIM}; "
           f"mhgd_fast {run_header['mhgd_fast_version']}, torch {run_header['torch_version']}, "
           f"{run_header['cpu_model']}, {args.threads} threads, {run_header['timestamp']}; median and min–max "
-          "after one warm-up; extra peak = peak RSS during the timed calls minus RSS before them.")
+          "after warm-up calls (10 up to B=1024, else 1); extra peak = peak RSS during the timed calls minus RSS before them.")
     print()
     print(bench_scaling.format_markdown(results))
     if args.json:
