@@ -218,3 +218,24 @@ def test_graph_kl_half_gradients_scaled_before_rounding(backend):
     g_ref = torch.autograd.grad(ref, inputs32[:2])
     for got, want in zip((q_s.grad, k_s.grad), g_ref):
         assert rel_err(got.float(), want) < 2e-3
+
+
+@pytest.mark.parametrize("backend", [b for b in backends_for("graph_kl") if b != "reference"])
+@pytest.mark.parametrize("n,m", [(200, 173), (700, 900)])  # made whole, and streamed
+def test_graph_kl_float32_error_at_most_twice_eager(backend, n, m):
+    """FlashAttention's rule: against a float64 reference, the fused float32 kernel's error (loss
+    and gradients) is at most 2× that of the float32 eager reference."""
+    inputs64 = [t.detach() for t in make_inputs(8, n, m, 96, dtype=torch.float64, spread=2.0)]
+
+    def loss_and_grads(impl, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in inputs64]
+        out = (mf.ops.graph_kl(*leaves, backend=impl) if impl != "eager" else
+               mf.reference.graph_kl(*leaves, "tanh", 1.0, "student_teacher", "sum"))
+        return [out.detach().double()] + [g.double() for g in torch.autograd.grad(out, leaves)]
+
+    exact = loss_and_grads("eager", torch.float64)
+    eager = loss_and_grads("eager", torch.float32)
+    fused = loss_and_grads(backend, torch.float32)
+    for name, e, f, x in zip(("loss", "dq_s", "dk_s", "dq_t", "dk_t"), eager, fused, exact):
+        err_fused, err_eager = float((f - x).abs().max()), float((e - x).abs().max())
+        assert err_fused <= 2 * err_eager + 1e-7 * float(x.abs().max()), (name, err_fused, err_eager)
