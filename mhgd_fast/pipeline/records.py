@@ -51,7 +51,7 @@ class MetricsCSV:
         self._write(self.rows() + [{k: row.get(k, "") for k in METRIC_FIELDS}])
 
     def _write(self, rows: List[dict]) -> None:
-        tmp = f"{self.path}.tmp"
+        tmp = f"{self.path}.{os.getpid()}.tmp"  # ranks writing at once never share a temp file
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, METRIC_FIELDS)
             writer.writeheader()
@@ -125,7 +125,7 @@ def format_table(results: Dict[str, dict]) -> str:
 
 
 def write_results(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=2)
     os.replace(tmp, path)
