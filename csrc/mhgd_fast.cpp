@@ -31,17 +31,17 @@ TORCH_LIBRARY(mhgd_fast, m) {
       "graph_kl_fused(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, bool squash_tanh, float scale,"
       " bool teacher_student, bool mean, bool[4] grad_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // MHGD_SPEC.md §3: top-k right singular vectors of X_b = fm_b.reshape(C, -1)^T, [B, k, C], plus
-  // what the backward needs: the smaller Gram (accumulation dtype, n = min(HW, C)) and, in
-  // float64, either its full eigendecomposition ([B, n, n], [B, n]) or, where the forward iterates
-  // (k = 1 and n > 17), its top eigenvector [B, n, 1] and eigenvalues [B, 2] (the second a Ritz
-  // estimate of lambda_2 for the backward's gap test).
+  // what the backward needs, all float64, n = min(HW, C) the smaller Gram's size, kk = min(k, n):
+  // the Householder reflectors of Gram = Q T Q^T ([B, n, n], upper triangle), T's diagonal,
+  // off-diagonal and the reflectors' factors ([B, 3, n]), the Gram's top-kk eigenvectors
+  // ([B, n, kk]) and its top min(n, kk + 1) eigenvalues ([B, min(n, kk + 1)]), descending.
   m.def(
       "topk_singular_vectors(Tensor fm, int k, float eps)"
-      " -> (Tensor vectors, Tensor gram, Tensor gram_vectors, Tensor eigenvalues)");
+      " -> (Tensor vectors, Tensor householder, Tensor tridiagonal, Tensor gram_vectors, Tensor eigenvalues)");
   // Gradient of topk_singular_vectors w.r.t. fm from the grad of `vectors` and the saved outputs.
   m.def(
-      "topk_singular_vectors_backward(Tensor grad, Tensor fm, Tensor gram, Tensor gram_vectors,"
-      " Tensor eigenvalues, int k, float eps) -> Tensor");
+      "topk_singular_vectors_backward(Tensor grad, Tensor fm, Tensor householder, Tensor tridiagonal,"
+      " Tensor gram_vectors, Tensor eigenvalues, int k, float eps) -> Tensor");
 }
 
 namespace {

@@ -90,31 +90,25 @@ if _C is not None:
         batch, c = fm.shape[0], fm.shape[1]
         n = torch.sym_min(math.prod(fm.shape[2:]), c)
         kk = torch.sym_min(k, n)
-        # Mirrors keeps_full_basis() in csrc/cpu/topk_singular_vectors_cpu.cpp.
-        full = k > 1 or n <= k + 16
-        acc = compute_dtype(fm.dtype)
         f64 = dict(dtype=torch.float64)
-        return (fm.new_empty(batch, k, c), fm.new_empty(batch, n, n, dtype=acc),
-                fm.new_empty(batch, n, n if full else kk, **f64),
-                fm.new_empty(batch, n if full else torch.sym_min(n, kk + 1), **f64))
+        return (fm.new_empty(batch, k, c), fm.new_empty(batch, n, n, **f64), fm.new_empty(batch, 3, n, **f64),
+                fm.new_empty(batch, n, kk, **f64), fm.new_empty(batch, torch.sym_min(n, kk + 1), **f64))
 
     @torch.library.register_fake("mhgd_fast::topk_singular_vectors_backward")
-    def _topk_singular_vectors_backward_fake(grad, fm, gram, gram_vectors, eigenvalues, k, eps):
+    def _topk_singular_vectors_backward_fake(grad, fm, householder, tridiagonal, gram_vectors, eigenvalues, k, eps):
         return torch.empty_like(fm)
 
     def _topk_singular_vectors_setup(ctx, inputs, output):
         fm, k, eps = inputs
-        _, gram, gram_vectors, eigenvalues = output
-        ctx.save_for_backward(fm, gram, gram_vectors, eigenvalues)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(fm, *output[1:])
         ctx.k, ctx.eps = k, eps
 
-    def _topk_singular_vectors_backward(ctx, grad, _grad_gram, _grad_vectors, _grad_values):
+    def _topk_singular_vectors_backward(ctx, grad, *_saved_state_grads):
         # Only `vectors` is an output of the public op; the others are saved state.
-        fm, gram, gram_vectors, eigenvalues = ctx.saved_tensors
         if grad is None:
             return None, None, None
-        grad_fm = torch.ops.mhgd_fast.topk_singular_vectors_backward(
-            grad, fm, gram, gram_vectors, eigenvalues, ctx.k, ctx.eps)
+        grad_fm = torch.ops.mhgd_fast.topk_singular_vectors_backward(grad, *ctx.saved_tensors, ctx.k, ctx.eps)
         return grad_fm, None, None
 
     torch.library.register_autograd("mhgd_fast::topk_singular_vectors", _topk_singular_vectors_backward,

@@ -238,9 +238,9 @@ def test_opcheck_topk_singular_vectors(sample):
 def test_opcheck_topk_singular_vectors_backward():
     for c, hw, k in [(7, 5, 2), (30, 36, 3), (40, 25, 4)]:
         fm = torch.relu(torch.randn(2, c, hw, dtype=torch.float64))
-        _, gram, vecs, lam = torch.ops.mhgd_fast.topk_singular_vectors(fm, k, 1.5e-8)
+        _, *saved = torch.ops.mhgd_fast.topk_singular_vectors(fm, k, 1.5e-8)
         torch.library.opcheck(torch.ops.mhgd_fast.topk_singular_vectors_backward.default,
-                              (torch.randn(2, k, c, dtype=torch.float64), fm, gram, vecs, lam, k, 1.5e-8))
+                              (torch.randn(2, k, c, dtype=torch.float64), fm, *saved, k, 1.5e-8))
 
 
 def test_torch_compile_fullgraph_topk_singular_vectors():
@@ -262,6 +262,9 @@ def test_direct_op_call_checks_inputs():
     with pytest.raises(RuntimeError, match="k must be >= 1"):
         torch.ops.mhgd_fast.topk_singular_vectors(torch.randn(2, 3, 4), 0, 1e-4)
     fm = torch.randn(2, 5, 6)
-    _, gram, vecs, lam = torch.ops.mhgd_fast.topk_singular_vectors(fm, 2, 1e-4)
+    _, *saved = torch.ops.mhgd_fast.topk_singular_vectors(fm, 2, 1e-4)
     with pytest.raises(RuntimeError, match="grad must be"):
-        torch.ops.mhgd_fast.topk_singular_vectors_backward(torch.randn(2, 3, 5), fm, gram, vecs, lam, 2, 1e-4)
+        torch.ops.mhgd_fast.topk_singular_vectors_backward(torch.randn(2, 3, 5), fm, *saved, 2, 1e-4)
+    with pytest.raises(RuntimeError, match="saved tensors do not match"):
+        torch.ops.mhgd_fast.topk_singular_vectors_backward(torch.randn(2, 2, 5), fm, saved[0][:, :3, :3],
+                                                           *saved[1:], 2, 1e-4)
