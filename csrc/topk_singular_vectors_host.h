@@ -93,7 +93,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward(const Tensor& fm, int
   Tensor basis = at::zeros({batch, n, kk}, f64);
   Tensor lam = at::zeros({batch, std::min(n, kk + 1)}, f64);
   if (batch == 0 || kk == 0) return {out, householder.zero_(), tridiagonal, basis, lam};
-  decompose(gram_of(f).contiguous(), householder, tridiagonal, basis, lam);
+  // NaN/Inf anywhere in fm reach the Gram (its diagonal holds every squared entry); the device
+  // kernel reports them instead of a separate pass over fm.
+  const bool finite = decompose(gram_of(f).contiguous(), householder, tridiagonal, basis, lam);
+  TORCH_CHECK_VALUE(finite, "fm contains NaN or Inf");
   const RightVectors rv = right_vectors(f, basis, lam, eps);
   out.narrow(1, 0, kk).copy_((rv.v * rv.scale.unsqueeze(1)).transpose(1, 2));
   return {out, householder, tridiagonal, basis, lam};
@@ -188,9 +191,10 @@ Tensor backward(const Tensor& grad, const Tensor& fm, const Tensor& householder,
     w = w + (resid + xty) / at::where(rv.valid, lam, 1.0).unsqueeze(1) * beyond.unsqueeze(1);
   }
   // ∂L/∂X = X(W + Wᵀ), W = Σ_i w_i v_iᵀ; in fm's layout (Xᵀ = rows): [V, w] (rowsᵀ[w, V])ᵀ.
+  // (rowsᵀ as the right operand keeps the GEMMs in their fast layouts.)
   const Tensor left = at::cat({rv.v, w}, 2).to(acc);
-  const Tensor right = at::bmm(f.rows.transpose(1, 2), at::cat({w, rv.v}, 2).to(acc));
-  return at::bmm(left, right.transpose(1, 2)).view(fm.sizes()).to(fm.scalar_type());
+  const Tensor right_t = at::bmm(at::cat({w, rv.v}, 2).transpose(1, 2).to(acc), f.rows);
+  return at::bmm(left, right_t).view(fm.sizes()).to(fm.scalar_type());
 }
 
 }  // namespace topk

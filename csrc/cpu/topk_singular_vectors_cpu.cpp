@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -77,9 +78,14 @@ struct Scratch {
       : e2(n), u0(n), u1(n), u2(n), l(n), p(n), w(n), vecs(n * cols), swap(n) {}
 };
 
+// Returns false (and does nothing more) when the Gram holds NaN or Inf.
 template <typename scalar_t>
-void decompose_sample(const scalar_t* gram, int64_t n, int64_t kk, double* a, double* tri_out, double* basis,
+bool decompose_sample(const scalar_t* gram, int64_t n, int64_t kk, double* a, double* tri_out, double* basis,
                       double* lam, Scratch& s) {
+  // The diagonal holds Σ x² over each row of X: NaN or ±Inf anywhere in fm shows there, and
+  // |G_ij| ≤ sqrt(G_ii G_jj) bounds the rest.
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(static_cast<double>(gram[i * n + i]))) return false;
   for (int64_t i = 0; i < n * n; ++i) a[i] = static_cast<double>(gram[i]);
   double* d = tri_out;
   double* e = tri_out + n;
@@ -100,29 +106,40 @@ void decompose_sample(const scalar_t* gram, int64_t n, int64_t kk, double* a, do
   apply_q(a, beta, n, s.vecs.data(), kk, true);
   for (int64_t i = 0; i < kk; ++i)
     for (int64_t r = 0; r < n; ++r) basis[r * kk + i] = s.vecs[i * n + r];
+  return true;
 }
 
-void decompose_cpu(const Tensor& gram, Tensor& householder, Tensor& tridiagonal, Tensor& basis, Tensor& lam) {
+bool decompose_cpu(const Tensor& gram, Tensor& householder, Tensor& tridiagonal, Tensor& basis, Tensor& lam) {
   const int64_t batch = gram.size(0), n = gram.size(1), kk = basis.size(2), nl = lam.size(1);
   double* hp = householder.data_ptr<double>();
   double* tp = tridiagonal.data_ptr<double>();
   double* bp = basis.data_ptr<double>();
   double* lp = lam.data_ptr<double>();
+  std::atomic<bool> finite{true};
   AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "topk_singular_vectors_cpu", [&] {
     const scalar_t* gp = gram.data_ptr<scalar_t>();
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       Scratch s(n, kk);
       std::vector<double> values(kk + 1);
-      for (int64_t b = begin; b < end; ++b) {
-        decompose_sample(gp + b * n * n, n, kk, hp + b * n * n, tp + b * 3 * n, bp + b * n * kk, values.data(), s);
+      for (int64_t b = begin; b < end && finite.load(std::memory_order_relaxed); ++b) {
+        if (!decompose_sample(gp + b * n * n, n, kk, hp + b * n * n, tp + b * 3 * n, bp + b * n * kk,
+                              values.data(), s)) {
+          finite = false;
+          return;
+        }
         for (int64_t i = 0; i < nl; ++i) lp[b * nl + i] = values[i];
       }
     });
   });
+  return finite;
 }
 
-// Per sample: whether the fast solve reproduces the exact derivative (no coupling beyond the top
-// kk is dropped), and if so y = (λ_j I − G)⁺ rhs_j on the complement of the valid top-kk vectors.
+// Eigenpairs just below the top kk whose coupling the reference drops (|λ_j − λ_l| ≤ eps·λ_max)
+// are computed too, at most this many per sample; more send the sample to the exact route.
+constexpr int64_t kMaxDropped = 8;
+
+// Per sample: y_j = (λ_j I − G)⁺ rhs_j on the complement of the valid top-kk vectors, with the
+// reference's dropping rule (topk_singular_vectors_host.h), or the flag for the exact route.
 std::tuple<Tensor, Tensor> complement_solve_cpu(const Tensor& householder, const Tensor& tridiagonal,
                                                 const Tensor& e, const Tensor& eigenvalues, const Tensor& rhs,
                                                 const Tensor& thresh, const Tensor& null_floor,
@@ -143,7 +160,10 @@ std::tuple<Tensor, Tensor> complement_solve_cpu(const Tensor& householder, const
   double* yp = y.data_ptr<double>();
   bool* xp = exact.data_ptr<bool>();
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    Scratch s(n, 1);
+    // vecs: the top kk (T's basis, then G's) and the dropped pairs; x: one solve.
+    Scratch s(n, kk + kMaxDropped + 1);
+    std::vector<double> dropped_lam(kMaxDropped);
+    std::vector<unsigned char> valid(kk), active(kk);
     for (int64_t b = begin; b < end; ++b) {
       const double* a = hp + b * n * n;
       const double* d = tp + b * 3 * n;
@@ -151,48 +171,94 @@ std::tuple<Tensor, Tensor> complement_solve_cpu(const Tensor& householder, const
       const double* beta = d + 2 * n;
       const double* eb = ep + b * n * kk;
       const double* lam = lp + b * nl;
-      for (int64_t i = 0; i + 1 < n; ++i) s.e2[i] = off[i] * off[i];
-      // The largest eigenvalue left in the solve: λ_{kk+1}, or an invalid (masked) top-kk one.
-      std::vector<bool> valid(kk);
-      double other = nl > kk ? lam[kk] : -INFINITY;
+      const double* rb = rp + b * n * kk;
+      const double tb = thp[b];
+      bool any = false;
+      double lowest = INFINITY;  // the smallest λ_j with a nonzero right-hand side
       for (int64_t j = 0; j < kk; ++j) {
         double nrm = 0;
-        for (int64_t r = 0; r < n; ++r) nrm += eb[r * kk + j] * eb[r * kk + j];
-        valid[j] = nrm > 0;
-        if (!valid[j]) other = std::max(other, lam[j]);
-      }
-      std::vector<bool> active(kk);
-      bool any = false;
-      for (int64_t j = 0; j < kk; ++j) {
         bool nonzero = false;
-        for (int64_t r = 0; r < n && !nonzero; ++r) nonzero = rp[(b * n + r) * kk + j] != 0;
+        for (int64_t r = 0; r < n; ++r) {
+          nrm += eb[r * kk + j] * eb[r * kk + j];
+          nonzero = nonzero || rb[r * kk + j] != 0;
+        }
+        valid[j] = nrm > 0;
         active[j] = nonzero;
-        any = any || nonzero;
-        if (nonzero && (!valid[j] || lam[j] - other <= thp[b])) xp[b] = true;
+        if (nonzero) {
+          any = true;
+          lowest = std::min(lowest, lam[j]);
+        }
       }
       if (!any) continue;
+      bool to_exact = false;
+      for (int64_t j = 0; j < kk; ++j)  // an invalid (zeroed) top-kk direction within reach
+        for (int64_t c = 0; c < kk; ++c)
+          to_exact = to_exact || (active[j] && (!valid[j] || (!valid[c] && std::abs(lam[j] - lam[c]) <= tb)));
+      for (int64_t i = 0; i + 1 < n; ++i) s.e2[i] = off[i] * off[i];
       const tri::Bounds bounds = tri::gershgorin(d, off, n);
-      if (!xp[b] && f2p != nullptr && f2p[b] > nfp[b] &&
+      // A small but nonzero direction that the reference's XXᵀ route treats as null space.
+      if (!to_exact && f2p != nullptr && f2p[b] > nfp[b] &&
           tri::count_in(d, s.e2.data(), n, bounds.pivmin, nfp[b], f2p[b]) > 0)
-        xp[b] = true;  // a small but nonzero direction the reference treats as null space
-      if (xp[b]) continue;
+        to_exact = true;
+      // Pairs beyond the top kk within eps·λ_max of some active λ_j: their couplings are dropped.
+      int64_t dropped = 0;
+      if (!to_exact && n > kk) {
+        dropped = tri::count_in(d, s.e2.data(), n, bounds.pivmin, lowest - tb, bounds.hi) - kk;
+        dropped = std::max<int64_t>(0, std::min(dropped, n - kk));
+        if (dropped > kMaxDropped) to_exact = true;
+      }
+      if (to_exact) {
+        xp[b] = true;
+        continue;
+      }
+      double* z = s.vecs.data();  // [kk + dropped][n]
+      if (dropped > 0) {
+        tri::bisect_descending(d, s.e2.data(), n, bounds, kk, static_cast<int>(dropped), dropped_lam.data());
+        for (int64_t c = 0; c < kk; ++c)
+          for (int64_t r = 0; r < n; ++r) z[c * n + r] = eb[r * kk + c];
+        apply_q(a, beta, n, z, kk, false);  // top kk in T's basis, for the clusters' orthogonality
+        for (int64_t t = 0; t < dropped; ++t) {
+          const int64_t idx = kk + t;
+          const double value = dropped_lam[t];
+          int64_t first = idx;
+          while (first > 0 && tri::same_cluster(first > kk ? dropped_lam[first - 1 - kk] : lam[first - 1], value,
+                                                bounds.norm))
+            --first;
+          tri::inverse_iteration(d, off, n, value, bounds.norm, static_cast<int>(idx), z + first * n,
+                                 static_cast<int>(idx - first), z + idx * n, s.u0.data(), s.u1.data(), s.u2.data(),
+                                 s.l.data(), s.swap.data());
+        }
+        apply_q(a, beta, n, z + kk * n, dropped, true);
+      }
       const double tiny = std::max(tri::kDoubleEps * bounds.norm, tri::kSafeMin);
-      double* x = s.vecs.data();
+      double* x = z + (kk + kMaxDropped) * n;
       for (int64_t j = 0; j < kk; ++j) {
         if (!active[j]) continue;
-        for (int64_t r = 0; r < n; ++r) x[r] = rp[(b * n + r) * kk + j];
+        for (int64_t r = 0; r < n; ++r) x[r] = -rb[r * kk + j];
         apply_q(a, beta, n, x, 1, false);
+        // (T − λ_j I) x = −Qᵀ rhs, so x = Qᵀ y up to the near-null directions removed below.
         tri::shifted_lu(d, off, n, lam[j], tiny, s.u0.data(), s.u1.data(), s.u2.data(), s.l.data(), s.swap.data());
         tri::shifted_solve(n, s.u0.data(), s.u1.data(), s.u2.data(), s.l.data(), s.swap.data(), x);
         apply_q(a, beta, n, x, 1, true);
-        // (T − λ_j I) x = Qᵀ rhs gives −y; the near-null directions of the top kk go with E.
         for (int64_t c = 0; c < kk; ++c) {
           if (!valid[c]) continue;
           double dot = 0;
           for (int64_t r = 0; r < n; ++r) dot += eb[r * kk + c] * x[r];
           for (int64_t r = 0; r < n; ++r) x[r] -= dot * eb[r * kk + c];
         }
-        for (int64_t r = 0; r < n; ++r) yp[(b * n + r) * kk + j] = -x[r];
+        for (int64_t t = 0; t < dropped && dropped_lam[t] >= lam[j] - tb; ++t) {
+          // Dropped coupling: no component along u_l, or, on the XXᵀ route for l in range,
+          // −(u_lᵀ rhs)/λ_l, which cancels that direction in w_j = (r + Xᵀy_j)/λ_j.
+          const double* u = z + (kk + t) * n;
+          double dot = 0, along = 0;
+          for (int64_t r = 0; r < n; ++r) {
+            dot += u[r] * x[r];
+            along += u[r] * rb[r * kk + j];
+          }
+          const double keep = (f2p != nullptr && dropped_lam[t] > f2p[b]) ? -along / dropped_lam[t] : 0.0;
+          for (int64_t r = 0; r < n; ++r) x[r] += (keep - dot) * u[r];
+        }
+        for (int64_t r = 0; r < n; ++r) yp[(b * n + r) * kk + j] = x[r];
       }
     }
   });
