@@ -3,16 +3,12 @@ against torch.linalg.svd and smaller-side Gram + eigh, forward and forward+backw
 
     PYTHONPATH=. python -m pytest benchmarks/test_bench_svd.py --benchmark-only
 """
-import os
-import sys
-
 import pytest
 import torch
 
 import mhgd_fast as mf
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # svd_table sits next to this file
-from svd_table import PAPER_SHAPES, compression_methods  # noqa: E402
+from mhgd_fast.bench_compression import PAPER_SHAPES, compression_methods
 
 BACKEND = "cpu" if "cpu" in mf.available_backends() else "reference"
 METHODS = compression_methods(BACKEND)

@@ -6,6 +6,7 @@ the pure-PyTorch reference. Naming a backend that cannot run raises
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -20,6 +21,10 @@ __all__ = ["graph_kl", "attention_graph", "topk_singular_vectors", "align_singul
 SQUASHES = (None, "tanh")
 DIRECTIONS = ("student_teacher", "teacher_student")
 REDUCTIONS = ("sum", "mean", "none")
+# Sizes the CUDA topk_singular_vectors kernel takes (csrc/cuda/topk_singular_vectors_cuda.cu);
+# larger ones run the reference on the same device. The CPU kernel takes every size.
+CUDA_TOPK_MAX_K = 8
+CUDA_TOPK_MAX_N = 2048
 
 
 def _check_heads(q_name, q, k_name, k) -> None:
@@ -101,6 +106,8 @@ def topk_singular_vectors(fm: torch.Tensor, k: int, *, eps: Optional[float] = No
     if eps is not None and not (isinstance(eps, (int, float)) and 0 <= eps < 1):
         raise ValueError(f"eps must be a number in [0, 1), got {eps!r}")
     impl = resolve("topk_singular_vectors", backend, fm.device)
+    if impl == "cuda" and (k > CUDA_TOPK_MAX_K or min(fm.shape[1], math.prod(fm.shape[2:])) > CUDA_TOPK_MAX_N):
+        impl = "reference"  # beyond the one-block-per-sample kernel's sizes (documented)
     if impl == "reference":
         check_all_finite("fm", fm)
         return reference.topk_singular_vectors(fm, k, eps)

@@ -45,7 +45,9 @@ def build(driver: str, mutations=None) -> Path:
     """
     mutated = _mutated_headers(mutations or {})
     digest = hashlib.sha256(" ".join([CXX] + CXX_FLAGS).encode())
-    for path in sorted(SIMT_DIR.glob("*.h")) + sorted(SIMT_DIR.glob("*.cpp")) + sorted(KERNEL_DIR.glob("*.cuh")):
+    # Kernel headers may include the host/device-shared headers of csrc/ (tridiagonal.h).
+    for path in (sorted(SIMT_DIR.glob("*.h")) + sorted(SIMT_DIR.glob("*.cpp")) + sorted(KERNEL_DIR.glob("*.cuh"))
+                 + sorted(KERNEL_DIR.parent.glob("*.h"))):
         digest.update(path.name.encode() + path.read_bytes())
     for name, text in sorted(mutated.items()):
         digest.update(b"mutated " + name.encode() + text.encode())

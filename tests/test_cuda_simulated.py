@@ -137,6 +137,8 @@ def test_kernel_headers_compile_without_warnings_or_spills(tmp_path):
         for kernel in ("attention_softmax_forward", "attention_softmax_backward"):
             for t in ("float", "double"):
                 assert f"`{kernel}<{t}>` | sm_{arch} |" in report
+        for kernel in ("topk_decompose<float>", "topk_decompose<double>", "topk_complement_solve"):
+            assert f"`{kernel}` | sm_{arch} |" in report
 
 
 # The check itself must not be blind: a warning and a register spill each fail it.
@@ -261,3 +263,209 @@ def test_graph_kl_planted_bug_is_caught(graph_kl_sim, mutant, tmp_path):
     worst = lambda got: max(float((got[n] - exact[n]).abs().max()) for n in GRAPH_NAMES)  # noqa: E731
     assert worst(good) < 1e-10
     assert worst(bad) > 1e-6, f"the simulator did not catch the planted bug {mutant}"
+
+
+# ---------------------------------------------------------------------- topk_singular_vectors
+
+@pytest.fixture(scope="module")
+def topk_sim():
+    return _simt.build("topk_singular_vectors_sim")
+
+
+def spectral_gram(batch, n, sigmas, seed):
+    """[B, n, n] float64 Grams X Xᵀ of maps with singular values ``sigmas`` (random singular vectors)."""
+    gen = torch.Generator().manual_seed(seed)
+    r = len(sigmas)
+    grams = []
+    for _ in range(batch):
+        u, _ = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64))
+        grams.append(u @ torch.diag(torch.tensor(sigmas, dtype=torch.float64) ** 2) @ u.T)
+    return torch.stack(grams)
+
+
+def simulate_decompose(binary, dtype, gram, kk, tmp_path):
+    np_dtype = np.float64 if dtype == "f64" else np.float32
+    batch, n = gram.shape[:2]
+    gram.numpy().astype(np_dtype).tofile(tmp_path / "gram.bin")
+    result = _simt.run(binary, "decompose", dtype, batch, n, kk, tmp_path, tmp_path)
+    assert result.returncode == 0, result.stderr
+    nl = min(n, kk + 1)
+
+    def load(name, *shape):
+        return torch.from_numpy(np.fromfile(tmp_path / f"{name}.bin", dtype=np.float64).reshape(*shape))
+
+    return {"householder": load("householder", batch, n, n), "tridiagonal": load("tridiagonal", batch, 3, n),
+            "basis": load("basis", batch, n, kk), "eigenvalues": load("eigenvalues", batch, nl),
+            "nonfinite": int(np.fromfile(tmp_path / "nonfinite.bin", dtype=np.int32)[0])}
+
+
+def q_times_t_times_qt(householder, tridiagonal):
+    """Q T Qᵀ from the kernel's layout (row j right of the diagonal: u_j; beta_j in row 2)."""
+    n = householder.shape[0]
+    d, e, beta = tridiagonal
+    t = torch.diag(d) + torch.diag(e[: n - 1], 1) + torch.diag(e[: n - 1], -1)
+    q = torch.eye(n, dtype=torch.float64)
+    for j in range(n - 2):
+        u = torch.zeros(n, dtype=torch.float64)
+        u[j + 1:] = householder[j, j + 1:]
+        q = q @ (torch.eye(n, dtype=torch.float64) - beta[j] * torch.outer(u, u))
+    return q @ t @ q.T
+
+
+def check_decomposition(state, gram, kk):
+    """Q T Qᵀ = Gram, eigenvalues = eigh's, vectors = eigh's (up to sign) where the gap is ≥ 1e-3·λ_1."""
+    lam, vec = torch.linalg.eigh(gram)
+    lam, vec = lam.flip(-1), vec.flip(-1)
+    nl = state["eigenvalues"].shape[1]
+    scale = lam[:, :1]
+    for b in range(gram.shape[0]):
+        rebuilt = q_times_t_times_qt(state["householder"][b], state["tridiagonal"][b])
+        assert (rebuilt - gram[b]).abs().max() <= 1e-12 * scale[b, 0]
+    assert ((state["eigenvalues"] - lam[:, :nl]).abs() <= 1e-11 * scale).all()
+    padded = torch.cat([lam, lam.new_zeros(lam.shape[0], 1)], 1)
+    gaps = torch.minimum(padded[:, :kk] - padded[:, 1:kk + 1],
+                         torch.cat([torch.full_like(lam[:, :1], float("inf")), lam[:, :kk - 1] - lam[:, 1:kk]], 1))
+    cos = (state["basis"] * vec[:, :, :kk]).sum(1).abs()
+    keep = gaps >= 1e-3 * scale
+    assert keep.any()
+    assert (cos[keep] >= 1 - 1e-9).all()
+    assert torch.allclose(state["basis"].norm(dim=1), torch.ones(1, dtype=torch.float64))
+
+
+# Every k ≤ 8 on an odd size, plus a size past one block's 128 threads (the cost of a simulated
+# barrier grows with the threads, so sizes stay small).
+TOPK_CASES = [(13, k) for k in range(1, 9)] + [(7, 3), (131, 2)]
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+@pytest.mark.parametrize("n,k", TOPK_CASES, ids=[f"n{n}-k{k}" for n, k in TOPK_CASES])
+def test_topk_decompose_matches_eigh(topk_sim, dtype, n, k, tmp_path):
+    """The simulated kernel against torch.linalg.eigh of the same (dtype-rounded) Gram, every k ≤ 8."""
+    sigmas = [4.0 * 0.85 ** i for i in range(n)]
+    gram = spectral_gram(2, n, sigmas, seed=n * 10 + k).to(DTYPES[dtype]).double()
+    state = simulate_decompose(topk_sim, dtype, gram, k, tmp_path)
+    assert state["nonfinite"] == 0
+    check_decomposition(state, gram, k)
+
+
+def test_topk_decompose_repeated_values_and_rank_deficiency(topk_sim, tmp_path):
+    """σ_2 = σ_3 (a 2-D eigenspace) and rank 5 < n: eigenvalues exact, vectors orthonormal."""
+    gram = spectral_gram(2, 19, [3.0, 2.0, 2.0, 1.0, 0.5], seed=3)
+    state = simulate_decompose(topk_sim, "f64", gram, 6, tmp_path)
+    lam = torch.linalg.eigvalsh(gram).flip(-1)[:, :7]
+    assert ((state["eigenvalues"] - lam).abs() <= 1e-11 * lam[:, :1]).all()
+    gram_of_basis = state["basis"].transpose(1, 2) @ state["basis"]
+    assert torch.allclose(gram_of_basis[:, :5, :5], torch.eye(5, dtype=torch.float64).expand(2, 5, 5), atol=1e-9)
+    # The top 3 span the eigenvectors of 9 and 4 (4 twice): G v = λ v for each.
+    for i in range(3):
+        v = state["basis"][:, :, i:i + 1]
+        assert ((gram @ v - state["eigenvalues"][:, i].view(-1, 1, 1) * v).abs().max()) < 1e-9
+
+
+def test_topk_decompose_flags_nonfinite(topk_sim, tmp_path):
+    gram = spectral_gram(2, 9, [2.0, 1.0], seed=4)
+    gram[1, 3, 3] = float("nan")
+    assert simulate_decompose(topk_sim, "f64", gram, 2, tmp_path)["nonfinite"] == 1
+
+
+def expected_solve(gram, e, lam_top, rhs, thresh, floor2):
+    """mhgd_fast's spectral route (the reference's dropping rule), from a float64 eigh."""
+    lam, u = torch.linalg.eigh(gram)
+    diff = lam_top.unsqueeze(1) - lam.unsqueeze(2)
+    kept = diff.abs() > thresh.view(-1, 1, 1)
+    inverse = 1.0 / torch.where(diff == 0, 1.0, diff)
+    if floor2 is None:
+        coupling = torch.where(kept, inverse, 0.0)
+    else:
+        in_range = (lam > floor2.view(-1, 1)).unsqueeze(2)
+        coupling = torch.where(in_range, torch.where(kept, inverse, -1.0 / torch.where(in_range, lam.unsqueeze(2), 1.0)), 0.0)
+    y = u @ ((u.transpose(1, 2) @ rhs) * coupling)
+    return y - e @ (e.transpose(1, 2) @ y)
+
+
+def simulate_solve(binary, state, rhs, thresh, null_floor, floor2, tmp_path):
+    batch, n, kk = state["basis"].shape
+    arrays = {"householder": state["householder"], "tridiagonal": state["tridiagonal"], "e": state["basis"],
+              "eigenvalues": state["eigenvalues"], "rhs": rhs, "thresh": thresh, "null_floor": null_floor}
+    if floor2 is not None:
+        arrays["floor2"] = floor2
+    for name, array in arrays.items():
+        array.contiguous().numpy().astype(np.float64).tofile(tmp_path / f"{name}.bin")
+    result = _simt.run(binary, "solve", int(floor2 is not None), batch, n, kk, tmp_path, tmp_path)
+    assert result.returncode == 0, result.stderr
+    y = torch.from_numpy(np.fromfile(tmp_path / "y.bin", dtype=np.float64).reshape(batch, n, kk))
+    return y, torch.from_numpy(np.fromfile(tmp_path / "exact.bin", dtype=np.uint8)).bool()
+
+
+# Every σ above eps·σ_max (1e-3·4): smaller nonzero ones send an XXᵀ sample to the exact route.
+SOLVE_SPECTRA = {
+    "separated": lambda k, n: [4.0 * 0.85 ** i for i in range(n)],
+    # σ_{k+1} = σ_k − 1e-4: within eps·λ_max of λ_k, so that coupling is dropped (computed pair).
+    "dropped": lambda k, n: [4.0 * 0.85 ** i for i in range(k)] + [4.0 * 0.85 ** (k - 1) - 1e-4]
+    + [2.0 * 0.85 ** i for i in range(k, n - 1)],
+}
+
+
+@pytest.mark.parametrize("push_through", [False, True], ids=["XtX", "XXt"])
+@pytest.mark.parametrize("spectrum", list(SOLVE_SPECTRA))
+@pytest.mark.parametrize("n,k", [(9, 1), (14, 4), (17, 8)])
+def test_topk_complement_solve_matches_spectral_route(topk_sim, n, k, spectrum, push_through, tmp_path):
+    gram = spectral_gram(3, n, SOLVE_SPECTRA[spectrum](k, n), seed=n + k)
+    state = simulate_decompose(topk_sim, "f64", gram, k, tmp_path)
+    e = state["basis"]
+    rhs = torch.randn(3, n, k, dtype=torch.float64)
+    rhs = rhs - e @ (e.transpose(1, 2) @ rhs)
+    rhs[1, :, 0] = 0  # an inactive column stays zero
+    lam_max = state["eigenvalues"][:, 0]
+    thresh = 1e-3 * lam_max
+    floor2 = (1e-3 * lam_max.sqrt()) ** 2 if push_through else None
+    y, exact = simulate_solve(topk_sim, state, rhs, thresh, 16 * 2.2e-16 * n * lam_max, floor2, tmp_path)
+    assert not exact.any()
+    want = expected_solve(gram, e, state["eigenvalues"][:, :k], rhs, thresh, floor2)
+    assert (y - want).abs().max() <= 1e-9 * want.abs().max()
+
+
+def test_topk_complement_solve_sends_small_nonzero_directions_to_the_exact_route(topk_sim, tmp_path):
+    """XXᵀ route: σ_l ≤ eps·σ_max but not numerically zero → the sample is flagged, not guessed."""
+    gram = spectral_gram(2, 15, [3.0, 2.0, 1.0, 0.001], seed=5)
+    state = simulate_decompose(topk_sim, "f64", gram, 2, tmp_path)
+    rhs = torch.randn(2, 15, 2, dtype=torch.float64)
+    rhs = rhs - state["basis"] @ (state["basis"].transpose(1, 2) @ rhs)
+    lam_max = state["eigenvalues"][:, 0]
+    _, exact = simulate_solve(topk_sim, state, rhs, 1e-2 * lam_max, 1e-20 * lam_max,
+                              (1e-2 * lam_max.sqrt()) ** 2, tmp_path)
+    assert exact.all()
+
+
+TOPK_MUTANTS = {
+    "update_off_by_one": {"topk_singular_vectors_kernels.cuh": [
+        ("idx < m * m; idx += blockDim.x", "idx < m * m - 1; idx += blockDim.x")]},
+    "solve_sign": {"topk_singular_vectors_kernels.cuh": [("= -rb[idx];", "= rb[idx];")]},
+    # Without this barrier the block updates the vectors with the previous reflector's dots.
+    "apply_q_missing_barrier": {"topk_singular_vectors_kernels.cuh": [
+        ("    __syncthreads();\n    const int64_t m = n - j - 1;\n    for (int64_t idx = threadIdx.x; idx < count * m;",
+         "    const int64_t m = n - j - 1;\n    for (int64_t idx = threadIdx.x; idx < count * m;")]},
+}
+
+
+@pytest.mark.parametrize("mutant", list(TOPK_MUTANTS))
+def test_topk_planted_bug_is_caught(topk_sim, mutant, tmp_path):
+    buggy = _simt.build("topk_singular_vectors_sim", TOPK_MUTANTS[mutant])
+    gram = spectral_gram(2, 17, [4.0 * 0.85 ** i for i in range(17)], seed=6)
+    good = simulate_decompose(topk_sim, "f64", gram, 3, tmp_path)
+    check_decomposition(good, gram, 3)
+    bad = simulate_decompose(buggy, "f64", gram, 3, tmp_path)
+    rhs = torch.randn(2, 17, 3, dtype=torch.float64)
+    rhs = rhs - good["basis"] @ (good["basis"].transpose(1, 2) @ rhs)
+    lam_max = good["eigenvalues"][:, 0]
+    args = (rhs, 1e-3 * lam_max, 16 * 2.2e-16 * 17 * lam_max, None, tmp_path)
+    want = expected_solve(gram, good["basis"], good["eigenvalues"][:, :3], rhs, 1e-3 * lam_max, None)
+    y_good, _ = simulate_solve(topk_sim, good, *args)
+    assert (y_good - want).abs().max() <= 1e-9 * want.abs().max()
+    try:
+        check_decomposition(bad, gram, 3)
+        decomposition_ok = True
+    except AssertionError:
+        decomposition_ok = False
+    y_bad, _ = simulate_solve(buggy, good, *args)
+    assert not decomposition_ok or (y_bad - want).abs().max() > 1e-6 * want.abs().max()

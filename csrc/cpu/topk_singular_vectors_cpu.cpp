@@ -94,7 +94,8 @@ bool decompose_sample(const scalar_t* gram, int64_t n, int64_t kk, double* a, do
   for (int64_t i = 0; i + 1 < n; ++i) s.e2[i] = e[i] * e[i];
   const tri::Bounds bounds = tri::gershgorin(d, e, n);
   const int m = static_cast<int>(std::min(n, kk + 1));
-  tri::bisect_descending(d, s.e2.data(), n, bounds, 0, m, lam);
+  for (int first = 0; first < m; first += tri::kMaxTargets)
+    tri::bisect_descending(d, s.e2.data(), n, bounds, first, std::min(tri::kMaxTargets, m - first), lam + first);
   for (int64_t i = 0; i < kk; ++i) {
     // Earlier vectors of the same cluster: a contiguous run just before i (values descend).
     int64_t first = i;

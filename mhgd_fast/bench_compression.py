@@ -1,8 +1,9 @@
-"""Compression cost per feature map (issue 5): the fast op against torch.linalg.svd and against
+"""Compression cost per feature map: the fast op against torch.linalg.svd and against
 smaller-side Gram + torch.linalg.eigh (the reference backend), fwd and fwd+bwd, in ONE run so the
 ratios share the machine's load; optionally the whole MHGD transfer loss next to ResNet8/ResNet32.
 
-    PYTHONPATH=. python benchmarks/svd_table.py [--batch 128] [--repeats 7] [--threads 2] [--mhgd]
+    mhgd-fast bench --suite compression [--threads 2] [--repeats 7] [--batch 128] [--mhgd]
+    python -m mhgd_fast.bench_compression [same flags]
 
 Methods are timed round-robin (one repetition of each in turn) and reported as medians; the
 inputs are post-ReLU Gaussian maps, whose flat bulk spectrum is the hard case for the iteration.
