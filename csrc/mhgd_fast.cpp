@@ -35,8 +35,10 @@ TORCH_LIBRARY(mhgd_fast, m) {
   // the Householder reflectors of Gram = Q T Q^T ([B, n, n], upper triangle), T's diagonal,
   // off-diagonal and the reflectors' factors ([B, 3, n]), the Gram's top-kk eigenvectors
   // ([B, n, kk]) and its top min(n, kk + 1) eigenvalues ([B, min(n, kk + 1)]), descending.
+  // save_state=False (no gradient wanted): the four are empty ([0]), and k = 1 may be answered by
+  // power iteration.
   m.def(
-      "topk_singular_vectors(Tensor fm, int k, float eps)"
+      "topk_singular_vectors(Tensor fm, int k, float eps, bool save_state=True)"
       " -> (Tensor vectors, Tensor householder, Tensor tridiagonal, Tensor gram_vectors, Tensor eigenvalues)");
   // Gradient of topk_singular_vectors w.r.t. fm from the grad of `vectors` and the saved outputs.
   m.def(

@@ -2,11 +2,13 @@
 // and CUDA implementations: the batched GEMMs (smaller-side Gram, v = Xᵀu/σ, the gradient's
 // rank-2k products) run through ATen; each device supplies the per-sample work:
 //
-//   decompose(gram, householder, tridiagonal, basis, eigenvalues)
+//   decompose(gram, householder, tridiagonal, basis, eigenvalues) -> whether the Gram was finite
 //     Householder tridiagonalisation Gram = Q T Qᵀ (reflectors kept for the backward), the top
 //     kk + 1 eigenvalues of T by bisection (exact, repeated values included) and the top kk
 //     eigenvectors by inverse iteration on T, mapped back by Q. O(4/3 n³) per sample instead of
-//     the ~9 n³ of a full eigendecomposition with vectors.
+//     the ~9 n³ of a full eigendecomposition with vectors. With save_state false (no gradient
+//     wanted) householder and tridiagonal are undefined: the device keeps its own scratch, and may
+//     answer k = 1 by power iteration (the teacher's vector, whose σ_1 dominates post-ReLU maps).
 //   complement_solve(householder, tridiagonal, basis, eigenvalues, rhs, thresh, null_floor, sigma_floor2)
 //     y_j = (λ_j I − G)⁺ rhs_j on the complement of the top kk eigenvectors: one pivoted
 //     tridiagonal solve per column in Q's basis. Returns y and a per-sample flag for samples whose
@@ -80,7 +82,7 @@ inline RightVectors right_vectors(const Features& f, const Tensor& e, const Tens
 }
 
 template <typename Decompose>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward(const Tensor& fm, int64_t k, double eps,
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward(const Tensor& fm, int64_t k, double eps, bool save_state,
                                                            Decompose decompose) {
   TORCH_CHECK(k >= 1, "topk_singular_vectors: k must be >= 1, got ", k);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -88,17 +90,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward(const Tensor& fm, int
   const int64_t batch = f.rows.size(0), c = f.rows.size(1), n = f.n(), kk = kept_pairs(f, k);
   const auto f64 = fm.options().dtype(at::kDouble);
   Tensor out = at::zeros({batch, k, c}, fm.options());
-  Tensor householder = at::empty({batch, n, n}, f64);
-  Tensor tridiagonal = at::zeros({batch, 3, n}, f64);
+  Tensor householder = save_state ? at::zeros({batch, n, n}, f64) : Tensor();
+  Tensor tridiagonal = save_state ? at::zeros({batch, 3, n}, f64) : Tensor();
   Tensor basis = at::zeros({batch, n, kk}, f64);
   Tensor lam = at::zeros({batch, std::min(n, kk + 1)}, f64);
-  if (batch == 0 || kk == 0) return {out, householder.zero_(), tridiagonal, basis, lam};
-  // NaN/Inf anywhere in fm reach the Gram (its diagonal holds every squared entry); the device
-  // kernel reports them instead of a separate pass over fm.
-  const bool finite = decompose(gram_of(f).contiguous(), householder, tridiagonal, basis, lam);
-  TORCH_CHECK_VALUE(finite, "fm contains NaN or Inf");
-  const RightVectors rv = right_vectors(f, basis, lam, eps);
-  out.narrow(1, 0, kk).copy_((rv.v * rv.scale.unsqueeze(1)).transpose(1, 2));
+  if (batch > 0 && kk > 0) {
+    // NaN/Inf anywhere in fm reach the Gram (its diagonal holds every squared entry); the device
+    // kernel reports them instead of a separate pass over fm.
+    const bool finite = decompose(gram_of(f).contiguous(), householder, tridiagonal, basis, lam);
+    TORCH_CHECK_VALUE(finite, "fm contains NaN or Inf");
+    const RightVectors rv = right_vectors(f, basis, lam, eps);
+    out.narrow(1, 0, kk).copy_((rv.v * rv.scale.unsqueeze(1)).transpose(1, 2));
+  }
+  if (!save_state) {
+    auto none = [&] { return at::empty({0}, f64); };  // four tensors: outputs must not alias
+    return {out, none(), none(), none(), none()};
+  }
   return {out, householder, tridiagonal, basis, lam};
 }
 
@@ -141,7 +148,9 @@ Tensor backward(const Tensor& grad, const Tensor& fm, const Tensor& householder,
   TORCH_CHECK(grad.dim() == 3 && grad.size(0) == batch && grad.size(1) == k && grad.size(2) == c,
               "topk_singular_vectors_backward: grad must be [B, k, C] = [", batch, ", ", k, ", ", c, "], got ",
               grad.sizes());
-  TORCH_CHECK(householder.dim() == 3 && householder.size(0) == batch && householder.size(1) == n &&
+  TORCH_CHECK(householder.dim() == 3, "topk_singular_vectors_backward: no saved state (the forward ran with "
+              "save_state=False)");
+  TORCH_CHECK(householder.size(0) == batch && householder.size(1) == n &&
                   householder.size(2) == n && tridiagonal.size(0) == batch && basis.size(0) == batch &&
                   basis.size(1) == n && basis.size(2) == kk && eigenvalues.size(0) == batch,
               "topk_singular_vectors_backward: saved tensors do not match fm ", fm.sizes(), " and k = ", k);

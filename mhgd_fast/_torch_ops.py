@@ -86,11 +86,13 @@ if _C is not None:
                                     setup_context=_graph_kl_fused_setup)
 
     @torch.library.register_fake("mhgd_fast::topk_singular_vectors")
-    def _topk_singular_vectors_fake(fm, k, eps):
+    def _topk_singular_vectors_fake(fm, k, eps, save_state=True):
         batch, c = fm.shape[0], fm.shape[1]
         n = torch.sym_min(math.prod(fm.shape[2:]), c)
         kk = torch.sym_min(k, n)
         f64 = dict(dtype=torch.float64)
+        if not save_state:
+            return (fm.new_empty(batch, k, c),) + tuple(fm.new_empty(0, **f64) for _ in range(4))
         return (fm.new_empty(batch, k, c), fm.new_empty(batch, n, n, **f64), fm.new_empty(batch, 3, n, **f64),
                 fm.new_empty(batch, n, kk, **f64), fm.new_empty(batch, torch.sym_min(n, kk + 1), **f64))
 
@@ -99,17 +101,19 @@ if _C is not None:
         return torch.empty_like(fm)
 
     def _topk_singular_vectors_setup(ctx, inputs, output):
-        fm, k, eps = inputs
+        fm, k, eps = inputs[:3]
         ctx.mark_non_differentiable(*output[1:])
+        # No zero gradients for the saved state (the Householder factors alone are B·n²·8 bytes).
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(fm, *output[1:])
         ctx.k, ctx.eps = k, eps
 
     def _topk_singular_vectors_backward(ctx, grad, *_saved_state_grads):
         # Only `vectors` is an output of the public op; the others are saved state.
         if grad is None:
-            return None, None, None
+            return None, None, None, None
         grad_fm = torch.ops.mhgd_fast.topk_singular_vectors_backward(grad, *ctx.saved_tensors, ctx.k, ctx.eps)
-        return grad_fm, None, None
+        return grad_fm, None, None, None
 
     torch.library.register_autograd("mhgd_fast::topk_singular_vectors", _topk_singular_vectors_backward,
                                     setup_context=_topk_singular_vectors_setup)

@@ -114,7 +114,9 @@ def topk_singular_vectors(fm: torch.Tensor, k: int, *, eps: Optional[float] = No
     # The compiled kernels check the Gram, which any NaN/Inf in fm reaches (a full pass over fm
     # costs as much as the Gram itself), and raise the same ValueError.
     eps = reference.default_eps(fm.dtype) if eps is None else float(eps)
-    return torch.ops.mhgd_fast.topk_singular_vectors(fm, k, eps)[0]
+    # Without a gradient to come, the op keeps no state (and may take power iteration for k = 1).
+    save_state = torch.is_grad_enabled() and fm.requires_grad
+    return torch.ops.mhgd_fast.topk_singular_vectors(fm, k, eps, save_state)[0]
 
 
 def align_singular_vectors(v_s: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:

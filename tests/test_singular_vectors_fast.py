@@ -228,6 +228,8 @@ def svd_samples():
                                      ((1, 26, (40,)), 8, True)]:
         fm = torch.relu(torch.randn(b, c, *spatial, dtype=torch.float64)).requires_grad_(grad)
         yield fm, k, 1.5e-8
+        if not grad:  # the stateless forward (power steps for k = 1)
+            yield fm, k, 1.5e-8, False
 
 
 @pytest.mark.parametrize("sample", list(svd_samples()))
@@ -268,3 +270,39 @@ def test_direct_op_call_checks_inputs():
     with pytest.raises(RuntimeError, match="saved tensors do not match"):
         torch.ops.mhgd_fast.topk_singular_vectors_backward(torch.randn(2, 2, 5), fm, saved[0][:, :3, :3],
                                                            *saved[1:], 2, 1e-4)
+
+
+# ---------------------------------------------------------------------------- without saved state
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c,hw", [(40, 75), (90, 45)])
+@pytest.mark.parametrize("spectrum", ["decaying", "flat"])
+def test_without_grad_k1_matches_float64_svd(backend, dtype, c, hw, spectrum):
+    """No gradient wanted: k = 1 may take power steps (decaying spectra) or, when they do not
+    converge (a flat top with gaps of ~1e-3·σ_1), the full route. Both meet the accuracy target and
+    agree with the state-keeping forward."""
+    r = min(c, hw)
+    sigmas = decaying(r, 0.6) if spectrum == "decaying" else [1.0 - 0.0012 * i for i in range(r)]
+    fm = controlled_map(3, c, hw, sigmas, dtype=dtype).to(device_of(backend))
+    check_against_float64(fm, 1, backend, grad=False)
+    with torch.no_grad():
+        fast = mf.ops.topk_singular_vectors(fm, 1, backend=backend)
+    kept = mf.ops.topk_singular_vectors(fm.clone().requires_grad_(), 1, backend=backend).detach()
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(fast, kept, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_post_relu_teacher_maps_without_grad(backend):
+    """The teacher's case (k = 1, no gradient) on post-ReLU maps of both Gram routes."""
+    for c, side in [(64, 8), (96, 3)]:
+        fm = torch.relu(torch.randn(6, c, side, side, device=device_of(backend)))
+        check_against_float64(fm, 1, backend, grad=False)
+
+
+def test_backward_without_saved_state_raises():
+    fm = torch.relu(torch.randn(2, 6, 5, dtype=torch.float64)).requires_grad_()
+    out = torch.ops.mhgd_fast.topk_singular_vectors(fm, 2, 1e-8, False)[0]
+    with pytest.raises(RuntimeError, match="no saved state"):
+        out.sum().backward()

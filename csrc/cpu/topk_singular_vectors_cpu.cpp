@@ -78,14 +78,11 @@ struct Scratch {
       : e2(n), u0(n), u1(n), u2(n), l(n), p(n), w(n), vecs(n * cols), swap(n) {}
 };
 
-// Returns false (and does nothing more) when the Gram holds NaN or Inf.
+// The caller has checked the Gram's diagonal for NaN/Inf (it holds Σ x² over each row of X, so
+// NaN or ±Inf anywhere in fm shows there, and |G_ij| ≤ sqrt(G_ii G_jj) bounds the rest).
 template <typename scalar_t>
-bool decompose_sample(const scalar_t* gram, int64_t n, int64_t kk, double* a, double* tri_out, double* basis,
+void decompose_sample(const scalar_t* gram, int64_t n, int64_t kk, double* a, double* tri_out, double* basis,
                       double* lam, Scratch& s) {
-  // The diagonal holds Σ x² over each row of X: NaN or ±Inf anywhere in fm shows there, and
-  // |G_ij| ≤ sqrt(G_ii G_jj) bounds the rest.
-  for (int64_t i = 0; i < n; ++i)
-    if (!std::isfinite(static_cast<double>(gram[i * n + i]))) return false;
   for (int64_t i = 0; i < n * n; ++i) a[i] = static_cast<double>(gram[i]);
   double* d = tri_out;
   double* e = tri_out + n;
@@ -107,27 +104,79 @@ bool decompose_sample(const scalar_t* gram, int64_t n, int64_t kk, double* a, do
   apply_q(a, beta, n, s.vecs.data(), kk, true);
   for (int64_t i = 0; i < kk; ++i)
     for (int64_t r = 0; r < n; ++r) basis[r * kk + i] = s.vecs[i * n + r];
-  return true;
+}
+
+// Power steps for k = 1 without saved state: enough for λ_2/λ_1 up to ~0.5 (post-ReLU maps sit
+// near 0.05–0.1); a slower sample takes the full route.
+constexpr int kMaxPowerSteps = 30;
+
+// Top eigenpair of the Gram by power iteration in float64, or false when it has not converged to
+// ‖G v − θ v‖ ≤ tol·θ (or the Gram is zero, which the full route handles exactly).
+template <typename scalar_t>
+bool power_iteration(const scalar_t* gram, int64_t n, double tol, double* v, double* w, double* theta_out) {
+  double norm = 0;
+  for (int64_t i = 0; i < n; ++i) {  // positive start: a post-ReLU Gram's Perron vector is non-negative
+    v[i] = 1.0 + 0.25 * std::sin(1.0 + 2.3 * static_cast<double>(i));
+    norm += v[i] * v[i];
+  }
+  norm = std::sqrt(norm);
+  for (int64_t i = 0; i < n; ++i) v[i] /= norm;
+  for (int step = 0; step < kMaxPowerSteps; ++step) {
+    for (int64_t i = 0; i < n; ++i) {
+      const scalar_t* row = gram + i * n;
+      double sum = 0;
+      for (int64_t j = 0; j < n; ++j) sum += static_cast<double>(row[j]) * v[j];
+      w[i] = sum;
+    }
+    double theta = 0, resid = 0, wnorm = 0;
+    for (int64_t i = 0; i < n; ++i) theta += v[i] * w[i];
+    for (int64_t i = 0; i < n; ++i) {
+      resid += (w[i] - theta * v[i]) * (w[i] - theta * v[i]);
+      wnorm += w[i] * w[i];
+    }
+    if (!(theta > 0) || wnorm == 0) return false;
+    if (std::sqrt(resid) <= tol * theta) {
+      *theta_out = theta;
+      return true;
+    }
+    wnorm = std::sqrt(wnorm);
+    for (int64_t i = 0; i < n; ++i) v[i] = w[i] / wnorm;
+  }
+  return false;
 }
 
 bool decompose_cpu(const Tensor& gram, Tensor& householder, Tensor& tridiagonal, Tensor& basis, Tensor& lam) {
   const int64_t batch = gram.size(0), n = gram.size(1), kk = basis.size(2), nl = lam.size(1);
-  double* hp = householder.data_ptr<double>();
-  double* tp = tridiagonal.data_ptr<double>();
+  const bool save = householder.defined();
+  double* hp = save ? householder.data_ptr<double>() : nullptr;
+  double* tp = save ? tridiagonal.data_ptr<double>() : nullptr;
   double* bp = basis.data_ptr<double>();
   double* lp = lam.data_ptr<double>();
+  // The residual target of the power steps: float64 results match the exact route to ~1e-12;
+  // float32 (and 16-bit) only need |cos| ≥ 0.99999 at relative gaps ≥ 1e-3.
+  const double power_tol = gram.scalar_type() == at::kDouble ? 1e-13 : 1e-9;
   std::atomic<bool> finite{true};
   AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "topk_singular_vectors_cpu", [&] {
     const scalar_t* gp = gram.data_ptr<scalar_t>();
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       Scratch s(n, kk);
       std::vector<double> values(kk + 1);
+      // Without saved state the factors live in per-thread scratch.
+      std::vector<double> local_a(save ? 0 : n * n), local_t(save ? 0 : 3 * n);
       for (int64_t b = begin; b < end && finite.load(std::memory_order_relaxed); ++b) {
-        if (!decompose_sample(gp + b * n * n, n, kk, hp + b * n * n, tp + b * 3 * n, bp + b * n * kk,
-                              values.data(), s)) {
-          finite = false;
-          return;
+        const scalar_t* g = gp + b * n * n;
+        for (int64_t i = 0; i < n; ++i) {
+          if (!std::isfinite(static_cast<double>(g[i * n + i]))) {
+            finite = false;
+            return;
+          }
         }
+        if (!save && kk == 1 && power_iteration(g, n, power_tol, bp + b * n, s.w.data(), &values[0])) {
+          for (int64_t i = 0; i < nl; ++i) lp[b * nl + i] = values[0];  // λ_2 is not needed without state
+          continue;
+        }
+        decompose_sample(g, n, kk, save ? hp + b * n * n : local_a.data(), save ? tp + b * 3 * n : local_t.data(),
+                         bp + b * n * kk, values.data(), s);
         for (int64_t i = 0; i < nl; ++i) lp[b * nl + i] = values[i];
       }
     });
@@ -267,8 +316,8 @@ std::tuple<Tensor, Tensor> complement_solve_cpu(const Tensor& householder, const
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topk_singular_vectors_cpu(const Tensor& fm, int64_t k,
-                                                                              double eps) {
-  return topk::forward(fm, k, eps, decompose_cpu);
+                                                                              double eps, bool save_state) {
+  return topk::forward(fm, k, eps, save_state, decompose_cpu);
 }
 
 Tensor topk_singular_vectors_backward_cpu(const Tensor& grad, const Tensor& fm, const Tensor& householder,

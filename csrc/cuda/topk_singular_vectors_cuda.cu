@@ -32,11 +32,14 @@ void check_size(int64_t batch, int64_t n, int64_t kk) {
 bool decompose_cuda(const Tensor& gram, Tensor& householder, Tensor& tridiagonal, Tensor& basis, Tensor& lam) {
   const int64_t batch = gram.size(0), n = gram.size(1), kk = basis.size(2), nl = lam.size(1);
   check_size(batch, n, kk);
-  Tensor work = at::empty({batch, cuda_kernels::topk_work_doubles(n, kk)}, householder.options());
+  // Without saved state (no gradient wanted) the factors go to temporaries.
+  Tensor a = householder.defined() ? householder : at::empty({batch, n, n}, basis.options());
+  Tensor t = tridiagonal.defined() ? tridiagonal : at::zeros({batch, 3, n}, basis.options());
+  Tensor work = at::empty({batch, cuda_kernels::topk_work_doubles(n, kk)}, basis.options());
   Tensor nonfinite = at::zeros({1}, gram.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "topk_singular_vectors_cuda", [&] {
     const cuda_kernels::TopkDecomposeArgs<scalar_t> args{
-        gram.data_ptr<scalar_t>(), n, kk, nl, householder.data_ptr<double>(), tridiagonal.data_ptr<double>(),
+        gram.data_ptr<scalar_t>(), n, kk, nl, a.data_ptr<double>(), t.data_ptr<double>(),
         basis.data_ptr<double>(), lam.data_ptr<double>(), work.data_ptr<double>(), nonfinite.data_ptr<int>()};
     cuda_kernels::topk_decompose<scalar_t>
         <<<static_cast<unsigned>(batch), cuda_kernels::kTopkThreads, cuda_kernels::topk_shared_bytes(n),
@@ -70,9 +73,9 @@ std::tuple<Tensor, Tensor> complement_solve_cuda(const Tensor& householder, cons
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topk_singular_vectors_cuda(const Tensor& fm, int64_t k,
-                                                                               double eps) {
+                                                                               double eps, bool save_state) {
   const c10::cuda::CUDAGuard guard(fm.device());
-  return topk::forward(fm, k, eps, decompose_cuda);
+  return topk::forward(fm, k, eps, save_state, decompose_cuda);
 }
 
 Tensor topk_singular_vectors_backward_cuda(const Tensor& grad, const Tensor& fm, const Tensor& householder,
