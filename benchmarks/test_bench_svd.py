@@ -1,5 +1,6 @@
 """pytest-benchmark: per-map compression at the paper's shapes (B=128, 2 threads), the fast op
-against torch.linalg.svd and smaller-side Gram + eigh, forward and forward+backward.
+against torch.linalg.svd and smaller-side Gram + eigh, forward and forward+backward; and the whole
+MHGD transfer loss next to a teacher ResNet32 forward and a student ResNet8 forward+backward.
 
     PYTHONPATH=. python -m pytest benchmarks/test_bench_svd.py --benchmark-only
 """
@@ -8,7 +9,7 @@ import torch
 
 import mhgd_fast as mf
 
-from mhgd_fast.bench_compression import PAPER_SHAPES, compression_methods
+from mhgd_fast.bench_compression import PAPER_SHAPES, compression_methods, mhgd_parts
 
 BACKEND = "cpu" if "cpu" in mf.available_backends() else "reference"
 METHODS = compression_methods(BACKEND)
@@ -37,3 +38,12 @@ def test_compression(benchmark, stage, c, side, k, method):
     fm.requires_grad_()
     w = torch.randn(128, k, c)
     benchmark(lambda: torch.autograd.grad((fn(fm, k) * w).sum(), fm))
+
+
+PARTS = mhgd_parts(128)
+
+
+@pytest.mark.parametrize("part", list(PARTS))
+def test_mhgd_loss_against_the_networks(benchmark, part):
+    benchmark.group = "MHGD loss vs ResNets, B=128"
+    benchmark.pedantic(PARTS[part], rounds=5, warmup_rounds=1)

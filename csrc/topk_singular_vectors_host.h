@@ -192,7 +192,7 @@ Tensor backward(const Tensor& grad, const Tensor& fm, const Tensor& householder,
     // Push-through: (λI − XᵀX)⁺ = (1/λ)[I + Xᵀ(λI − XXᵀ)⁺X] on the complement, so the solve runs
     // on the HW×HW Gram with right-hand side X(I − VVᵀ)g. When λ_i ≤ eps·λ_max every term beyond
     // the top k is dropped (λ_l ≤ λ_i for those l), the null-space one r/λ_i included.
-    Tensor rhs = at::bmm(f.rows.transpose(1, 2), resid.to(acc)).to(at::kDouble);
+    Tensor rhs = at::bmm(resid.transpose(1, 2).to(acc), f.rows).transpose(1, 2).to(at::kDouble);
     rhs = project_out(rv.e, rhs);
     const Tensor y = solve(rhs);
     const Tensor xty = at::bmm(f.rows, y.to(acc)).to(at::kDouble);
