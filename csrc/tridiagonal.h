@@ -199,7 +199,22 @@ MHGD_HD void inverse_iteration(const double* d, const double* e, int64_t n, doub
   }
 }
 
-// Number of eigenvalues of T strictly inside (a, b], a < b (Sturm counts).
+// Eigenvectors number first..first+count-1 of T (values[i], descending, for i < first+count) by
+// inverse iteration, into z (stride n; vectors before `first` already there). Each is kept
+// orthogonal to the earlier vectors of its cluster, a contiguous run since the values descend.
+// lu: scratch of 5n doubles.
+MHGD_HD void cluster_vectors(const double* d, const double* e, int64_t n, double norm, const double* values,
+                             int64_t first, int64_t count, double* z, double* lu) {
+  unsigned char* swap = reinterpret_cast<unsigned char*>(lu + 4 * n);
+  for (int64_t i = first; i < first + count; ++i) {
+    int64_t start = i;
+    while (start > 0 && same_cluster(values[start - 1], values[i], norm)) --start;
+    inverse_iteration(d, e, n, values[i], norm, static_cast<int>(i), z + start * n, static_cast<int>(i - start),
+                      z + i * n, lu, lu + n, lu + 2 * n, lu + 3 * n, swap);
+  }
+}
+
+// Number of eigenvalues of T in [a, b), a < b (Sturm counts).
 MHGD_HD int64_t count_in(const double* d, const double* e2, int64_t n, double pivmin, double a, double b) {
   int64_t below[2] = {0, 0};
   const double x[2] = {a, b};
@@ -214,6 +229,53 @@ MHGD_HD int64_t count_in(const double* d, const double* e2, int64_t n, double pi
     }
   }
   return below[1] - below[0];
+}
+
+// Pairs beyond the top kk whose coupling the reference drops (|λ_j − λ_l| ≤ eps·λ_max) that the
+// fast backward computes; a sample with more takes the exact route.
+constexpr int kMaxDropped = 8;
+
+// The backward's plan for one sample (MHGD_SPEC.md §3's dropping rule), shared by the CPU and CUDA
+// kernels. e: [n, kk] the valid top-kk eigenvectors (zero columns: invalid); rhs: [n, kk];
+// lam: λ_1..λ_min(n,kk+1); d, off: T; thresh = eps·λ_max; floor2 = (eps·σ_max)² on the XXᵀ route,
+// else negative; null_floor: eigenvalues below it are rounding noise. Fills valid/active per
+// column, the dropped pairs' values (descending) and e2 = off²; returns their number, or −1 when
+// the sample must take the exact route (a dropped coupling to an invalid top-kk direction, a
+// direction below eps·σ_max that is not numerically zero on the XXᵀ route, or more than
+// kMaxDropped dropped pairs).
+MHGD_HD int64_t complement_plan(const double* e, const double* rhs, const double* lam, const double* d,
+                                const double* off, int64_t n, int64_t kk, double thresh, double null_floor,
+                                double floor2, double* e2, unsigned char* valid, unsigned char* active,
+                                double* dropped_lam) {
+  bool any = false;
+  double lowest = INFINITY;  // the smallest λ_j with a nonzero right-hand side
+  for (int64_t j = 0; j < kk; ++j) {
+    double nrm = 0;
+    bool nonzero = false;
+    for (int64_t r = 0; r < n; ++r) {
+      nrm += e[r * kk + j] * e[r * kk + j];
+      nonzero = nonzero || rhs[r * kk + j] != 0;
+    }
+    valid[j] = nrm > 0;
+    active[j] = nonzero;
+    if (nonzero) {
+      any = true;
+      lowest = dmin(lowest, lam[j]);
+    }
+  }
+  if (!any) return 0;
+  for (int64_t j = 0; j < kk; ++j)
+    for (int64_t c = 0; c < kk; ++c)
+      if (active[j] && (!valid[j] || (!valid[c] && dabs(lam[j] - lam[c]) <= thresh))) return -1;
+  for (int64_t i = 0; i + 1 < n; ++i) e2[i] = off[i] * off[i];
+  const Bounds bounds = gershgorin(d, off, n);
+  if (floor2 > null_floor && count_in(d, e2, n, bounds.pivmin, null_floor, floor2) > 0) return -1;
+  if (n <= kk) return 0;
+  int64_t dropped = count_in(d, e2, n, bounds.pivmin, lowest - thresh, bounds.hi) - kk;
+  dropped = dropped < 0 ? 0 : (dropped > n - kk ? n - kk : dropped);
+  if (dropped > kMaxDropped) return -1;
+  if (dropped > 0) bisect_descending(d, e2, n, bounds, kk, static_cast<int>(dropped), dropped_lam);
+  return dropped;
 }
 
 }  // namespace tridiagonal

@@ -11,13 +11,12 @@
 
 #include <algorithm>
 #include <array>
-#include <cstdlib>
-#include <cstring>
 #include <tuple>
 #include <vector>
 
 #include "../mhgd_fast.h"
 #include "../graph_kl_host.h"
+#include "cpu_capability.h"
 #include "graph_kl_rows.h"
 
 namespace mhgd_fast {
@@ -26,12 +25,7 @@ namespace {
 // AVX2+FMA row math when the CPU has it; MHGD_FAST_CPU_CAPABILITY=generic forces the portable path.
 bool use_avx2() {
 #ifdef MHGD_HAVE_AVX2_ROWS
-  static const bool avx2 = [] {
-    const char* forced = std::getenv("MHGD_FAST_CPU_CAPABILITY");
-    if (forced != nullptr && std::strcmp(forced, "generic") == 0) return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return avx2;
+  return cpu::avx2_enabled();
 #else
   return false;
 #endif

@@ -13,14 +13,13 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <tuple>
 #include <vector>
 
 #include "../mhgd_fast.h"
 #include "../topk_singular_vectors_host.h"
 #include "../tridiagonal.h"
+#include "cpu_capability.h"
 
 // householder_impl.h twice: for AVX2+FMA (chosen at run time) and for the portable baseline.
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
@@ -45,12 +44,7 @@ namespace tri = tridiagonal;
 // MHGD_FAST_CPU_CAPABILITY=generic forces the portable path (as for graph_kl).
 bool use_avx2() {
 #ifdef MHGD_HOUSEHOLDER_AVX2
-  static const bool avx2 = [] {
-    const char* forced = std::getenv("MHGD_FAST_CPU_CAPABILITY");
-    if (forced != nullptr && std::strcmp(forced, "generic") == 0) return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return avx2;
+  return cpu::avx2_enabled();
 #else
   return false;
 #endif
@@ -71,11 +65,12 @@ void apply_q(const double* a, const double* beta, int64_t n, double* x, int64_t 
 }
 
 // Scratch of one sample's tridiagonal work (n entries each).
+// lu: a shifted tridiagonal LU (tridiagonal.h: 4n doubles, then n bytes of pivots in the last n).
 struct Scratch {
-  std::vector<double> e2, u0, u1, u2, l, p, w, vecs;
-  std::vector<unsigned char> swap;
-  Scratch(int64_t n, int64_t cols)
-      : e2(n), u0(n), u1(n), u2(n), l(n), p(n), w(n), vecs(n * cols), swap(n) {}
+  int64_t n;
+  std::vector<double> e2, lu, p, w, vecs;
+  Scratch(int64_t n_, int64_t cols) : n(n_), e2(n_), lu(5 * n_), p(n_), w(n_), vecs(n_ * cols) {}
+  unsigned char* swap() { return reinterpret_cast<unsigned char*>(lu.data() + 4 * n); }
 };
 
 // The caller has checked the Gram's diagonal for NaN/Inf (it holds Σ x² over each row of X, so
@@ -93,14 +88,7 @@ void decompose_sample(const scalar_t* gram, int64_t n, int64_t kk, double* a, do
   const int m = static_cast<int>(std::min(n, kk + 1));
   for (int first = 0; first < m; first += tri::kMaxTargets)
     tri::bisect_descending(d, s.e2.data(), n, bounds, first, std::min(tri::kMaxTargets, m - first), lam + first);
-  for (int64_t i = 0; i < kk; ++i) {
-    // Earlier vectors of the same cluster: a contiguous run just before i (values descend).
-    int64_t first = i;
-    while (first > 0 && tri::same_cluster(lam[first - 1], lam[i], bounds.norm)) --first;
-    tri::inverse_iteration(d, e, n, lam[i], bounds.norm, static_cast<int>(i), s.vecs.data() + first * n,
-                           static_cast<int>(i - first), s.vecs.data() + i * n, s.u0.data(), s.u1.data(),
-                           s.u2.data(), s.l.data(), s.swap.data());
-  }
+  tri::cluster_vectors(d, e, n, bounds.norm, lam, 0, kk, s.vecs.data(), s.lu.data());
   apply_q(a, beta, n, s.vecs.data(), kk, true);
   for (int64_t i = 0; i < kk; ++i)
     for (int64_t r = 0; r < n; ++r) basis[r * kk + i] = s.vecs[i * n + r];
@@ -184,10 +172,6 @@ bool decompose_cpu(const Tensor& gram, Tensor& householder, Tensor& tridiagonal,
   return finite;
 }
 
-// Eigenpairs just below the top kk whose coupling the reference drops (|λ_j − λ_l| ≤ eps·λ_max)
-// are computed too, at most this many per sample; more send the sample to the exact route.
-constexpr int64_t kMaxDropped = 8;
-
 // Per sample: y_j = (λ_j I − G)⁺ rhs_j on the complement of the valid top-kk vectors, with the
 // reference's dropping rule (topk_singular_vectors_host.h), or the flag for the exact route.
 std::tuple<Tensor, Tensor> complement_solve_cpu(const Tensor& householder, const Tensor& tridiagonal,
@@ -210,9 +194,9 @@ std::tuple<Tensor, Tensor> complement_solve_cpu(const Tensor& householder, const
   double* yp = y.data_ptr<double>();
   bool* xp = exact.data_ptr<bool>();
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    // vecs: the top kk (T's basis, then G's) and the dropped pairs; x: one solve.
-    Scratch s(n, kk + kMaxDropped + 1);
-    std::vector<double> dropped_lam(kMaxDropped);
+    // vecs: the top kk (T's basis), the dropped pairs, then the kk solve columns.
+    Scratch s(n, kk + tri::kMaxDropped + kk);
+    std::vector<double> dropped_lam(tri::kMaxDropped), values(kk + tri::kMaxDropped);
     std::vector<unsigned char> valid(kk), active(kk);
     for (int64_t b = begin; b < end; ++b) {
       const double* a = hp + b * n * n;
@@ -223,73 +207,42 @@ std::tuple<Tensor, Tensor> complement_solve_cpu(const Tensor& householder, const
       const double* lam = lp + b * nl;
       const double* rb = rp + b * n * kk;
       const double tb = thp[b];
-      bool any = false;
-      double lowest = INFINITY;  // the smallest λ_j with a nonzero right-hand side
-      for (int64_t j = 0; j < kk; ++j) {
-        double nrm = 0;
-        bool nonzero = false;
-        for (int64_t r = 0; r < n; ++r) {
-          nrm += eb[r * kk + j] * eb[r * kk + j];
-          nonzero = nonzero || rb[r * kk + j] != 0;
-        }
-        valid[j] = nrm > 0;
-        active[j] = nonzero;
-        if (nonzero) {
-          any = true;
-          lowest = std::min(lowest, lam[j]);
-        }
-      }
-      if (!any) continue;
-      bool to_exact = false;
-      for (int64_t j = 0; j < kk; ++j)  // an invalid (zeroed) top-kk direction within reach
-        for (int64_t c = 0; c < kk; ++c)
-          to_exact = to_exact || (active[j] && (!valid[j] || (!valid[c] && std::abs(lam[j] - lam[c]) <= tb)));
-      for (int64_t i = 0; i + 1 < n; ++i) s.e2[i] = off[i] * off[i];
-      const tri::Bounds bounds = tri::gershgorin(d, off, n);
-      // A small but nonzero direction that the reference's XXᵀ route treats as null space.
-      if (!to_exact && f2p != nullptr && f2p[b] > nfp[b] &&
-          tri::count_in(d, s.e2.data(), n, bounds.pivmin, nfp[b], f2p[b]) > 0)
-        to_exact = true;
-      // Pairs beyond the top kk within eps·λ_max of some active λ_j: their couplings are dropped.
-      int64_t dropped = 0;
-      if (!to_exact && n > kk) {
-        dropped = tri::count_in(d, s.e2.data(), n, bounds.pivmin, lowest - tb, bounds.hi) - kk;
-        dropped = std::max<int64_t>(0, std::min(dropped, n - kk));
-        if (dropped > kMaxDropped) to_exact = true;
-      }
+      const int64_t dropped = tri::complement_plan(eb, rb, lam, d, off, n, kk, tb, nfp[b],
+                                                   f2p != nullptr ? f2p[b] : -1.0, s.e2.data(), valid.data(),
+                                                   active.data(), dropped_lam.data());
+      const bool to_exact = dropped < 0;
       if (to_exact) {
         xp[b] = true;
         continue;
       }
+      const tri::Bounds bounds = tri::gershgorin(d, off, n);
       double* z = s.vecs.data();  // [kk + dropped][n]
       if (dropped > 0) {
-        tri::bisect_descending(d, s.e2.data(), n, bounds, kk, static_cast<int>(dropped), dropped_lam.data());
         for (int64_t c = 0; c < kk; ++c)
           for (int64_t r = 0; r < n; ++r) z[c * n + r] = eb[r * kk + c];
         apply_q(a, beta, n, z, kk, false);  // top kk in T's basis, for the clusters' orthogonality
-        for (int64_t t = 0; t < dropped; ++t) {
-          const int64_t idx = kk + t;
-          const double value = dropped_lam[t];
-          int64_t first = idx;
-          while (first > 0 && tri::same_cluster(first > kk ? dropped_lam[first - 1 - kk] : lam[first - 1], value,
-                                                bounds.norm))
-            --first;
-          tri::inverse_iteration(d, off, n, value, bounds.norm, static_cast<int>(idx), z + first * n,
-                                 static_cast<int>(idx - first), z + idx * n, s.u0.data(), s.u1.data(), s.u2.data(),
-                                 s.l.data(), s.swap.data());
-        }
+        std::copy(lam, lam + kk, values.begin());
+        std::copy(dropped_lam.begin(), dropped_lam.begin() + dropped, values.begin() + kk);
+        tri::cluster_vectors(d, off, n, bounds.norm, values.data(), kk, dropped, z, s.lu.data());
         apply_q(a, beta, n, z + kk * n, dropped, true);
       }
       const double tiny = std::max(tri::kDoubleEps * bounds.norm, tri::kSafeMin);
-      double* x = z + (kk + kMaxDropped) * n;
+      // (T − λ_j I) x_j = −Qᵀ rhs_j, so x_j = Qᵀ y_j up to the near-null directions removed below;
+      // the reflectors go over all columns at once.
+      double* xs = z + (kk + tri::kMaxDropped) * n;  // [kk][n]
+      for (int64_t j = 0; j < kk; ++j)
+        for (int64_t r = 0; r < n; ++r) xs[j * n + r] = -rb[r * kk + j];
+      apply_q(a, beta, n, xs, kk, false);
+      double* lu = s.lu.data();
       for (int64_t j = 0; j < kk; ++j) {
         if (!active[j]) continue;
-        for (int64_t r = 0; r < n; ++r) x[r] = -rb[r * kk + j];
-        apply_q(a, beta, n, x, 1, false);
-        // (T − λ_j I) x = −Qᵀ rhs, so x = Qᵀ y up to the near-null directions removed below.
-        tri::shifted_lu(d, off, n, lam[j], tiny, s.u0.data(), s.u1.data(), s.u2.data(), s.l.data(), s.swap.data());
-        tri::shifted_solve(n, s.u0.data(), s.u1.data(), s.u2.data(), s.l.data(), s.swap.data(), x);
-        apply_q(a, beta, n, x, 1, true);
+        tri::shifted_lu(d, off, n, lam[j], tiny, lu, lu + n, lu + 2 * n, lu + 3 * n, s.swap());
+        tri::shifted_solve(n, lu, lu + n, lu + 2 * n, lu + 3 * n, s.swap(), xs + j * n);
+      }
+      apply_q(a, beta, n, xs, kk, true);
+      for (int64_t j = 0; j < kk; ++j) {
+        if (!active[j]) continue;
+        double* x = xs + j * n;
         for (int64_t c = 0; c < kk; ++c) {
           if (!valid[c]) continue;
           double dot = 0;

@@ -23,7 +23,7 @@ constexpr int kTopkThreads = 128;
 // Largest k the kernels take (the solve keeps two flags per column in shared memory).
 constexpr int64_t kTopkMaxK = 8;
 // Pairs beyond the top kk whose couplings are dropped that the fast solve handles (as on the CPU).
-constexpr int kTopkMaxDropped = 8;
+constexpr int kTopkMaxDropped = ::mhgd_fast::tridiagonal::kMaxDropped;
 
 // Vectors one apply_q call takes: the top kk and the dropped pairs.
 constexpr int64_t kTopkMaxVectors = kTopkMaxK + kTopkMaxDropped;
@@ -182,16 +182,7 @@ __global__ void __launch_bounds__(kTopkThreads, 1) topk_decompose(TopkDecomposeA
   if (threadIdx.x < args.nl) tri::bisect_descending(d, w, n, bounds, threadIdx.x, 1, lam + threadIdx.x);
   __syncthreads();
   double* z = s.work + 5 * n;  // [kk][n]
-  if (threadIdx.x == 0) {
-    double* lu = s.work;
-    unsigned char* swap = reinterpret_cast<unsigned char*>(s.work + 4 * n);
-    for (int64_t i = 0; i < kk; ++i) {
-      int64_t first = i;
-      while (first > 0 && tri::same_cluster(lam[first - 1], lam[i], bounds.norm)) --first;
-      tri::inverse_iteration(d, e, n, lam[i], bounds.norm, static_cast<int>(i), z + first * n,
-                             static_cast<int>(i - first), z + i * n, lu, lu + n, lu + 2 * n, lu + 3 * n, swap);
-    }
-  }
+  if (threadIdx.x == 0) tri::cluster_vectors(d, e, n, bounds.norm, lam, 0, kk, z, s.work);
   __syncthreads();
   topk_apply_q(s.a, beta, n, z, kk, true, dots);
   double* basis = args.basis + static_cast<int64_t>(blockIdx.x) * n * kk;
@@ -212,53 +203,6 @@ struct TopkSolveArgs {
   bool* exact;         // [B], false on entry
   double* work;        // [B, topk_work_doubles]
 };
-
-// Sequential part of the solve (thread 0): which columns are active, whether the sample goes to
-// the exact route, and the dropped pairs' values. Returns their number, or −1 for the exact route.
-__device__ __forceinline__ int64_t topk_solve_plan(const TopkSolveArgs& args, const TopkSample& s, double* e2,
-                                                   double* dropped_lam, unsigned char* flags) {
-  namespace tri = ::mhgd_fast::tridiagonal;
-  const int64_t b = blockIdx.x, n = args.n, kk = args.kk;
-  const double* eb = args.e + b * n * kk;
-  const double* rb = args.rhs + b * n * kk;
-  const double* lam = args.eigenvalues + b * args.nl;
-  const double* d = s.d;
-  const double* off = s.d + n;
-  const double tb = args.thresh[b];
-  unsigned char* valid = flags;
-  unsigned char* active = flags + kk;
-  bool any = false;
-  double lowest = INFINITY;
-  for (int64_t j = 0; j < kk; ++j) {
-    double nrm = 0;
-    bool nonzero = false;
-    for (int64_t r = 0; r < n; ++r) {
-      nrm += eb[r * kk + j] * eb[r * kk + j];
-      nonzero = nonzero || rb[r * kk + j] != 0;
-    }
-    valid[j] = nrm > 0;
-    active[j] = nonzero;
-    if (nonzero) {
-      any = true;
-      lowest = tri::dmin(lowest, lam[j]);
-    }
-  }
-  if (!any) return 0;
-  for (int64_t j = 0; j < kk; ++j)
-    for (int64_t c = 0; c < kk; ++c)
-      if (active[j] && (!valid[j] || (!valid[c] && tri::dabs(lam[j] - lam[c]) <= tb))) return -1;
-  for (int64_t i = 0; i + 1 < n; ++i) e2[i] = off[i] * off[i];
-  const tri::Bounds bounds = tri::gershgorin(d, off, n);
-  if (args.floor2 != nullptr && args.floor2[b] > args.null_floor[b] &&
-      tri::count_in(d, e2, n, bounds.pivmin, args.null_floor[b], args.floor2[b]) > 0)
-    return -1;
-  if (n <= kk) return 0;
-  int64_t dropped = tri::count_in(d, e2, n, bounds.pivmin, lowest - tb, bounds.hi) - kk;
-  dropped = dropped < 0 ? 0 : (dropped > n - kk ? n - kk : dropped);
-  if (dropped > kTopkMaxDropped) return -1;
-  if (dropped > 0) tri::bisect_descending(d, e2, n, bounds, kk, static_cast<int>(dropped), dropped_lam);
-  return dropped;
-}
 
 // Columns are solved together: Qᵀ on all of them, one thread per column for its tridiagonal solve,
 // Q back, then every projection's dot product at once.
@@ -282,7 +226,10 @@ __global__ void __launch_bounds__(kTopkThreads, 1) topk_complement_solve(TopkSol
   const double tb = args.thresh[b];
   double* z = s.work + 5 * n * kk;               // [kk + dropped][n]: top kk (T basis), dropped (G basis)
   double* x = z + (kk + kTopkMaxDropped) * n;  // [kk][n] solve columns
-  if (threadIdx.x == 0) plan = topk_solve_plan(args, s, e2, dropped_lam, flags);
+  if (threadIdx.x == 0) {
+    plan = tri::complement_plan(eb, rb, lam, d, off, n, kk, tb, args.null_floor[b],
+                                args.floor2 != nullptr ? args.floor2[b] : -1.0, e2, flags, flags + kk, dropped_lam);
+  }
   __syncthreads();
   const int64_t dropped = plan;
   if (dropped < 0) {
@@ -297,17 +244,10 @@ __global__ void __launch_bounds__(kTopkThreads, 1) topk_complement_solve(TopkSol
     __syncthreads();
     topk_apply_q(s.a, beta, n, z, kk, false, dots);
     if (threadIdx.x == 0) {
-      double* lu = s.work;
-      unsigned char* swap = reinterpret_cast<unsigned char*>(s.work + 4 * n);
-      for (int64_t t = 0; t < dropped; ++t) {
-        const int64_t idx = kk + t;
-        int64_t first = idx;
-        while (first > 0 &&
-               tri::same_cluster(first > kk ? dropped_lam[first - 1 - kk] : lam[first - 1], dropped_lam[t], bounds.norm))
-          --first;
-        tri::inverse_iteration(d, off, n, dropped_lam[t], bounds.norm, static_cast<int>(idx), z + first * n,
-                               static_cast<int>(idx - first), z + idx * n, lu, lu + n, lu + 2 * n, lu + 3 * n, swap);
-      }
+      double values[kTopkMaxK + kTopkMaxDropped];
+      for (int64_t i = 0; i < kk; ++i) values[i] = lam[i];
+      for (int64_t t = 0; t < dropped; ++t) values[kk + t] = dropped_lam[t];
+      tri::cluster_vectors(d, off, n, bounds.norm, values, kk, dropped, z, s.work);
     }
     __syncthreads();
     topk_apply_q(s.a, beta, n, z + kk * n, dropped, true, dots);

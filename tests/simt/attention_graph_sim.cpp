@@ -3,6 +3,7 @@
 //   attention_graph_sim {f32|f64} {forward|backward} ROWS COLS SCALE SQUASH S_FILE [DP_FILE] OUT_FILE
 // Files hold raw row-major arrays of the chosen dtype; S holds the raw logits q k^T.
 #include "simt_runtime.h"
+#include "sim_io.h"
 
 #include <attention_graph_kernels.cuh>
 
@@ -12,15 +13,6 @@
 namespace {
 
 template <typename T>
-std::vector<T> read_array(const char* path, std::size_t n) {
-  std::vector<T> a(n);
-  std::ifstream f(path, std::ios::binary);
-  if (!f.read(reinterpret_cast<char*>(a.data()), static_cast<std::streamsize>(n * sizeof(T))))
-    simt::fail("short input file");
-  return a;
-}
-
-template <typename T>
 int run(int argc, char** argv) {
   namespace k = mhgd_fast::cuda_kernels;
   const bool forward = std::string(argv[2]) == "forward";
@@ -28,12 +20,12 @@ int run(int argc, char** argv) {
   const long rows = std::stol(argv[3]), cols = std::stol(argv[4]);
   const T scale = static_cast<T>(std::stod(argv[5]));
   const bool squash_tanh = std::string(argv[6]) == "1";
-  std::vector<T> s = read_array<T>(argv[7], rows * cols);
+  std::vector<T> s = simt::read_array<T>(argv[7], rows * cols);
   const dim3 grid(static_cast<unsigned>(rows)), block(k::row_block_threads(cols));
   if (forward) {
     simt::launch(k::attention_softmax_forward<T>, grid, block, 0, s.data(), int64_t{cols}, scale, squash_tanh);
   } else {
-    const std::vector<T> dp = read_array<T>(argv[8], rows * cols);
+    const std::vector<T> dp = simt::read_array<T>(argv[8], rows * cols);
     simt::launch(k::attention_softmax_backward<T>, grid, block, 0, s.data(), dp.data(), int64_t{cols}, scale,
                  squash_tanh);
   }

@@ -5,6 +5,7 @@
 // IN_DIR holds q_s k_s q_t k_t row_grad (.bin, raw arrays of the dtype); OUT_DIR receives
 // kl lse_s lse_t dq_s dk_s dq_t dk_t.
 #include "simt_runtime.h"
+#include "sim_io.h"
 
 #include <graph_kl_kernels.cuh>
 
@@ -13,22 +14,6 @@
 #include <vector>
 
 namespace {
-
-template <typename T>
-std::vector<T> read_array(const std::string& path, std::size_t n) {
-  std::vector<T> a(n);
-  std::ifstream f(path, std::ios::binary);
-  if (!f.read(reinterpret_cast<char*>(a.data()), static_cast<std::streamsize>(n * sizeof(T))))
-    simt::fail("short input file");
-  return a;
-}
-
-template <typename T>
-void write_array(const std::string& path, const std::vector<T>& a) {
-  std::ofstream out(path, std::ios::binary);
-  out.write(reinterpret_cast<const char*>(a.data()), static_cast<std::streamsize>(a.size() * sizeof(T)));
-  if (!out) simt::fail("cannot write output");
-}
 
 template <typename T, typename Kernel, typename... Args>
 void launch_per_warp(Kernel kernel, int64_t items, int64_t dim, int vectors, Args... args) {
@@ -42,9 +27,9 @@ int run(char** argv) {
   namespace k = mhgd_fast::cuda_kernels;
   const int64_t H = std::stol(argv[2]), N = std::stol(argv[3]), M = std::stol(argv[4]), D = std::stol(argv[5]);
   const std::string in = argv[9], out = argv[10];
-  const auto q_s = read_array<T>(in + "/q_s.bin", H * N * D), k_s = read_array<T>(in + "/k_s.bin", H * M * D);
-  const auto q_t = read_array<T>(in + "/q_t.bin", H * N * D), k_t = read_array<T>(in + "/k_t.bin", H * M * D);
-  const auto row_grad = read_array<T>(in + "/row_grad.bin", H * N);
+  const auto q_s = simt::read_array<T>(in + "/q_s.bin", H * N * D), k_s = simt::read_array<T>(in + "/k_s.bin", H * M * D);
+  const auto q_t = simt::read_array<T>(in + "/q_t.bin", H * N * D), k_t = simt::read_array<T>(in + "/k_t.bin", H * M * D);
+  const auto row_grad = simt::read_array<T>(in + "/row_grad.bin", H * N);
   std::vector<T> kl(H * N), lse_s(H * N), lse_t(H * N), dq_s(H * N * D), dq_t(H * N * D), dk_s(H * M * D),
       dk_t(H * M * D);
   const k::GraphKLArgs<T> args{q_s.data(), k_s.data(), q_t.data(), k_t.data(), H, N, M, D,
@@ -56,7 +41,7 @@ int run(char** argv) {
   launch_per_warp<T>(k::graph_kl_backward_cols<T>, H * M, D, k::kBackwardVectors, args, dk_s.data(), dk_t.data());
   for (const auto& [name, array] : {std::pair{"kl", &kl}, {"lse_s", &lse_s}, {"lse_t", &lse_t}, {"dq_s", &dq_s},
                                     {"dk_s", &dk_s}, {"dq_t", &dq_t}, {"dk_t", &dk_t}})
-    write_array(out + "/" + name + ".bin", *array);
+    simt::write_array(out + "/" + name + ".bin", *array);
   return 0;
 }
 

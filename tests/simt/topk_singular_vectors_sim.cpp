@@ -7,6 +7,7 @@
 //     IN_DIR: householder tridiagonal e eigenvalues rhs thresh null_floor [floor2] (float64)
 //     -> OUT_DIR y (float64), exact (one byte per sample)
 #include "simt_runtime.h"
+#include "sim_io.h"
 
 #include <topk_singular_vectors_kernels.cuh>
 
@@ -20,25 +21,9 @@ namespace {
 namespace k = mhgd_fast::cuda_kernels;
 
 template <typename T>
-std::vector<T> read_array(const std::string& path, std::size_t n) {
-  std::vector<T> a(n);
-  std::ifstream f(path, std::ios::binary);
-  if (!f.read(reinterpret_cast<char*>(a.data()), static_cast<std::streamsize>(n * sizeof(T))))
-    simt::fail("short input file");
-  return a;
-}
-
-template <typename T>
-void write_array(const std::string& path, const std::vector<T>& a) {
-  std::ofstream out(path, std::ios::binary);
-  out.write(reinterpret_cast<const char*>(a.data()), static_cast<std::streamsize>(a.size() * sizeof(T)));
-  if (!out) simt::fail("cannot write output");
-}
-
-template <typename T>
 int decompose(int64_t batch, int64_t n, int64_t kk, const std::string& in, const std::string& out) {
   const int64_t nl = std::min(n, kk + 1);
-  const auto gram = read_array<T>(in + "/gram.bin", batch * n * n);
+  const auto gram = simt::read_array<T>(in + "/gram.bin", batch * n * n);
   std::vector<double> householder(batch * n * n), tridiagonal(batch * 3 * n), basis(batch * n * kk),
       eigenvalues(batch * nl), work(batch * k::topk_work_doubles(n, kk));
   std::vector<int> nonfinite(1, 0);
@@ -47,24 +32,24 @@ int decompose(int64_t batch, int64_t n, int64_t kk, const std::string& in, const
                                      work.data(),        nonfinite.data()};
   simt::launch(k::topk_decompose<T>, dim3(static_cast<unsigned>(batch)), dim3(k::kTopkThreads),
                k::topk_shared_bytes(n), args);
-  write_array(out + "/householder.bin", householder);
-  write_array(out + "/tridiagonal.bin", tridiagonal);
-  write_array(out + "/basis.bin", basis);
-  write_array(out + "/eigenvalues.bin", eigenvalues);
-  write_array(out + "/nonfinite.bin", nonfinite);
+  simt::write_array(out + "/householder.bin", householder);
+  simt::write_array(out + "/tridiagonal.bin", tridiagonal);
+  simt::write_array(out + "/basis.bin", basis);
+  simt::write_array(out + "/eigenvalues.bin", eigenvalues);
+  simt::write_array(out + "/nonfinite.bin", nonfinite);
   return 0;
 }
 
 int solve(int64_t batch, int64_t n, int64_t kk, bool push_through, const std::string& in, const std::string& out) {
   const int64_t nl = std::min(n, kk + 1);
-  const auto householder = read_array<double>(in + "/householder.bin", batch * n * n);
-  const auto tridiagonal = read_array<double>(in + "/tridiagonal.bin", batch * 3 * n);
-  const auto e = read_array<double>(in + "/e.bin", batch * n * kk);
-  const auto eigenvalues = read_array<double>(in + "/eigenvalues.bin", batch * nl);
-  const auto rhs = read_array<double>(in + "/rhs.bin", batch * n * kk);
-  const auto thresh = read_array<double>(in + "/thresh.bin", batch);
-  const auto null_floor = read_array<double>(in + "/null_floor.bin", batch);
-  const auto floor2 = push_through ? read_array<double>(in + "/floor2.bin", batch) : std::vector<double>();
+  const auto householder = simt::read_array<double>(in + "/householder.bin", batch * n * n);
+  const auto tridiagonal = simt::read_array<double>(in + "/tridiagonal.bin", batch * 3 * n);
+  const auto e = simt::read_array<double>(in + "/e.bin", batch * n * kk);
+  const auto eigenvalues = simt::read_array<double>(in + "/eigenvalues.bin", batch * nl);
+  const auto rhs = simt::read_array<double>(in + "/rhs.bin", batch * n * kk);
+  const auto thresh = simt::read_array<double>(in + "/thresh.bin", batch);
+  const auto null_floor = simt::read_array<double>(in + "/null_floor.bin", batch);
+  const auto floor2 = push_through ? simt::read_array<double>(in + "/floor2.bin", batch) : std::vector<double>();
   std::vector<double> y(batch * n * kk, 0.0), work(batch * k::topk_work_doubles(n, kk));
   bool* exact = new bool[batch]();
   const k::TopkSolveArgs args{householder.data(), tridiagonal.data(), e.data(), eigenvalues.data(), rhs.data(),
@@ -72,10 +57,10 @@ int solve(int64_t batch, int64_t n, int64_t kk, bool push_through, const std::st
                               y.data(), exact, work.data()};
   simt::launch(k::topk_complement_solve, dim3(static_cast<unsigned>(batch)), dim3(k::kTopkThreads),
                k::topk_shared_bytes(n), args);
-  write_array(out + "/y.bin", y);
+  simt::write_array(out + "/y.bin", y);
   std::vector<unsigned char> flags(exact, exact + batch);
   delete[] exact;
-  write_array(out + "/exact.bin", flags);
+  simt::write_array(out + "/exact.bin", flags);
   return 0;
 }
 
