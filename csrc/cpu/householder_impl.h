@@ -122,3 +122,51 @@ inline void apply_q(const double* a, const double* beta, int64_t n, double* x, i
     }
   }
 }
+
+// Descending eigenvalues first..first+m-1 (m ≤ 8) of the tridiagonal (d, e2 = off²) by Sturm-count
+// bisection, the eight intervals in SIMD lanes (two independent AVX2 registers) so that their
+// division chains overlap: the count's dependent divisions are the cost. Same recurrence and
+// pivot floor as tridiagonal::bisect_descending; lo0/hi0/pivmin/tol from its Bounds.
+inline void bisect8(const double* d, const double* e2, int64_t n, double lo0, double hi0, double pivmin, double tol,
+                    int64_t first, int m, double* out) {
+  constexpr int kLanes = 8;
+  alignas(64) double lo[kLanes], hi[kLanes], mid[kLanes], q[kLanes], below[kLanes], target[kLanes];
+  for (int t = 0; t < kLanes; ++t) {
+    lo[t] = lo0;
+    hi[t] = hi0;
+    target[t] = static_cast<double>(n - 1 - (first + (t < m ? t : m - 1)));  // ascending index
+  }
+  for (int iter = 0; iter < 128; ++iter) {
+    bool open = false;
+    for (int t = 0; t < kLanes; ++t) {
+      mid[t] = 0.5 * (lo[t] + hi[t]);
+      open = open || (t < m && hi[t] - lo[t] > tol + 4.440892098500626e-16 * std::fabs(mid[t]));
+    }
+    if (!open) break;
+#pragma omp simd
+    for (int t = 0; t < kLanes; ++t) {
+      double v = d[0] - mid[t];
+      v = std::fabs(v) < pivmin ? -pivmin : v;
+      q[t] = v;
+      below[t] = v < 0 ? 1.0 : 0.0;
+    }
+    for (int64_t i = 1; i < n; ++i) {
+      const double di = d[i], ei = e2[i - 1];
+#pragma omp simd
+      for (int t = 0; t < kLanes; ++t) {
+        double v = di - mid[t] - ei / q[t];
+        v = std::fabs(v) < pivmin ? -pivmin : v;
+        q[t] = v;
+        below[t] += v < 0 ? 1.0 : 0.0;
+      }
+    }
+    for (int t = 0; t < kLanes; ++t) {
+      if (below[t] > target[t]) {
+        hi[t] = mid[t];
+      } else {
+        lo[t] = mid[t];
+      }
+    }
+  }
+  for (int t = 0; t < m; ++t) out[t] = 0.5 * (lo[t] + hi[t]);
+}

@@ -64,6 +64,22 @@ void apply_q(const double* a, const double* beta, int64_t n, double* x, int64_t 
   cpu::householder_generic::apply_q(a, beta, n, x, count, from_q);
 }
 
+// The top eigenvalues first..first+m-1 of T, eight at a time (householder_impl.h's bisect8).
+void bisect_top(const double* d, const double* e2, int64_t n, const tri::Bounds& b, int64_t first, int64_t m,
+                double* out) {
+  const double tol = 2.0 * tri::kDoubleEps * b.norm + 4.0 * b.pivmin;  // as tri::bisect_descending
+  for (int64_t g = 0; g < m; g += 8) {
+    const int count = static_cast<int>(std::min<int64_t>(8, m - g));
+#ifdef MHGD_HOUSEHOLDER_AVX2
+    if (use_avx2()) {
+      cpu::householder_avx2::bisect8(d, e2, n, b.lo, b.hi, b.pivmin, tol, first + g, count, out + g);
+      continue;
+    }
+#endif
+    cpu::householder_generic::bisect8(d, e2, n, b.lo, b.hi, b.pivmin, tol, first + g, count, out + g);
+  }
+}
+
 // Scratch of one sample's tridiagonal work (n entries each).
 // lu: a shifted tridiagonal LU (tridiagonal.h: 4n doubles, then n bytes of pivots in the last n).
 struct Scratch {
@@ -86,8 +102,7 @@ void decompose_sample(const scalar_t* gram, int64_t n, int64_t kk, double* a, do
   for (int64_t i = 0; i + 1 < n; ++i) s.e2[i] = e[i] * e[i];
   const tri::Bounds bounds = tri::gershgorin(d, e, n);
   const int m = static_cast<int>(std::min(n, kk + 1));
-  for (int first = 0; first < m; first += tri::kMaxTargets)
-    tri::bisect_descending(d, s.e2.data(), n, bounds, first, std::min(tri::kMaxTargets, m - first), lam + first);
+  bisect_top(d, s.e2.data(), n, bounds, 0, m, lam);
   tri::cluster_vectors(d, e, n, bounds.norm, lam, 0, kk, s.vecs.data(), s.lu.data());
   apply_q(a, beta, n, s.vecs.data(), kk, true);
   for (int64_t i = 0; i < kk; ++i)
