@@ -76,6 +76,30 @@ def compression_table(batch: int, repeats: int, backend: str) -> List[str]:
     return lines
 
 
+def floor_table(batch: int, repeats: int, backend: str) -> List[str]:
+    """What any Gram-based fwd+bwd must spend at k = 4: the Gram GEMM and writing a fresh gradient
+    of fm's size (allocation + first touch), next to the svd path and the fast op, in one run."""
+    lines = ["| map (C×H×W) | Gram GEMM ms | fresh fm-sized gradient ms | floor = sum ms | fast fwd+bwd ms "
+             "| svd fwd+bwd ms | svd / floor | svd / fast |", "|---|---|---|---|---|---|---|---|"]
+    for c, side in PAPER_SHAPES:
+        fm = torch.relu(torch.randn(batch, c, side, side))
+        rows = fm.reshape(batch, c, -1)
+        fm_g = fm.clone().requires_grad_()
+        w = torch.randn(batch, 4, c)
+        fns = {
+            "gram": (lambda: rows @ rows.transpose(1, 2)) if side * side >= c else (lambda: rows.transpose(1, 2) @ rows),
+            "grad": lambda: torch.empty_like(fm).fill_(0.0),
+            "fast": lambda: torch.autograd.grad(
+                (mf.ops.topk_singular_vectors(fm_g, 4, backend=backend) * w).sum(), fm_g),
+            "svd": lambda: torch.autograd.grad((svd_path(fm_g, 4) * w).sum(), fm_g),
+        }
+        t = {key: statistics.median(v) for key, v in round_robin(fns, repeats).items()}
+        floor = t["gram"] + t["grad"]
+        lines.append(f"| {c}×{side}×{side} | {t['gram']:.1f} | {t['grad']:.1f} | {floor:.1f} | {t['fast']:.1f} "
+                     f"| {t['svd']:.1f} | {t['svd'] / floor:.1f}× | {t['svd'] / t['fast']:.1f}× |")
+    return lines
+
+
 # ---------------------------------------------------------------------------- MHGD vs ResNets
 
 class BasicBlock(torch.nn.Module):
@@ -162,6 +186,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--mhgd", action="store_true", help="also time the whole MHGD loss vs ResNets")
+    parser.add_argument("--floor", action="store_true",
+                        help="also time the floor of any Gram-based fwd+bwd (Gram GEMM + gradient write)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -170,6 +196,9 @@ def main(argv=None) -> None:
           f"{args.threads} threads, B={args.batch}, float32, medians of {args.repeats} round-robin repeats, "
           f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     print("\n".join(compression_table(args.batch, args.repeats, backend)))
+    if args.floor:
+        print()
+        print("\n".join(floor_table(args.batch, args.repeats, backend)))
     if args.mhgd:
         print()
         print("\n".join(mhgd_table(args.batch, args.repeats)))

@@ -63,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument(
         "--suite", choices=("ops", "graph_kl_scaling", "compression"), default="ops",
         help="ops: every op on every backend (default); compression: topk_singular_vectors at the "
-             "paper's shapes (B=128) against torch.linalg.svd and Gram + eigh, fwd and fwd+bwd, plus "
-             "the whole MHGD loss next to ResNet32 fwd and ResNet8 fwd+bwd (--quick: 3 repeats "
-             "instead of 7); graph_kl_scaling: fused graph_kl vs the "
+             "paper's shapes (B=128) against torch.linalg.svd and Gram + eigh, fwd and fwd+bwd, the "
+             "floor of any Gram-based fwd+bwd, and the whole MHGD loss next to ResNet32 fwd and "
+             "ResNet8 fwd+bwd (--quick: 3 repeats instead of 7); graph_kl_scaling: fused graph_kl vs the "
              f"eager and torch.compile'd reference, fwd+bwd at H={bench_scaling.HEADS}, "
              f"d={bench_scaling.DIM}, B in {bench_scaling.BATCHES} (+ {bench_scaling.FUSED_ONLY_BATCHES} "
              "fused only), each in a fresh process with its extra peak memory; needs the cpu backend")
@@ -132,7 +132,8 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.suite == "compression":
         if args.device != "cpu":
             parser.error("--suite compression runs on the CPU (--device cpu)")
-        bench_compression.main(["--threads", str(args.threads), "--repeats", "3" if args.quick else "7", "--mhgd"])
+        bench_compression.main(["--threads", str(args.threads), "--repeats", "3" if args.quick else "7", "--mhgd",
+                                "--floor"])
         return 0
     jobs = _plan_jobs(args, parser)
     torch.set_num_threads(args.threads)
