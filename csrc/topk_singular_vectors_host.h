@@ -9,6 +9,7 @@
 //     the ~9 n³ of a full eigendecomposition with vectors. With save_state false (no gradient
 //     wanted) householder and tridiagonal are undefined: the device keeps its own scratch, and may
 //     answer k = 1 by power iteration (the teacher's vector, whose σ_1 dominates post-ReLU maps).
+//   product(left, right): [B, C, 2k]·[B, 2k, HW], the gradient's last (rank-2k) product
 //   complement_solve(householder, tridiagonal, basis, eigenvalues, rhs, thresh, null_floor, sigma_floor2)
 //     y_j = (λ_j I − G)⁺ rhs_j on the complement of the top kk eigenvectors: one pivoted
 //     tridiagonal solve per column in Q's basis. Returns y and a per-sample flag for samples whose
@@ -90,11 +91,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward(const Tensor& fm, int
   const int64_t batch = f.rows.size(0), c = f.rows.size(1), n = f.n(), kk = kept_pairs(f, k);
   const auto f64 = fm.options().dtype(at::kDouble);
   Tensor out = at::zeros({batch, k, c}, fm.options());
-  Tensor householder = save_state ? at::zeros({batch, n, n}, f64) : Tensor();
+  // Every entry is written by decompose (the Gram is copied in whole before the reduction).
+  Tensor householder = save_state ? at::empty({batch, n, n}, f64) : Tensor();
   Tensor tridiagonal = save_state ? at::zeros({batch, 3, n}, f64) : Tensor();
   Tensor basis = at::zeros({batch, n, kk}, f64);
   Tensor lam = at::zeros({batch, std::min(n, kk + 1)}, f64);
-  if (batch > 0 && kk > 0) {
+  if (batch == 0 || kk == 0) {
+    if (householder.defined()) householder.zero_();
+  } else {
     // NaN/Inf anywhere in fm reach the Gram (its diagonal holds every squared entry); the device
     // kernel reports them instead of a separate pass over fm.
     const bool finite = decompose(gram_of(f).contiguous(), householder, tridiagonal, basis, lam);
@@ -137,10 +141,13 @@ inline Tensor spectral_solve(const Tensor& gram, const Tensor& lam, const Tensor
   return project_out(e, at::bmm(u, at::bmm(u.transpose(1, 2), rhs) * coupling));
 }
 
-template <typename ComplementSolve>
+// The backward's last product on devices without a kernel of their own for it.
+inline Tensor batched_product(const Tensor& left, const Tensor& right) { return at::bmm(left, right); }
+
+template <typename ComplementSolve, typename Product>
 Tensor backward(const Tensor& grad, const Tensor& fm, const Tensor& householder, const Tensor& tridiagonal,
                 const Tensor& basis, const Tensor& eigenvalues, int64_t k, double eps,
-                ComplementSolve complement_solve) {
+                ComplementSolve complement_solve, Product product) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Features f = features(fm);
   const int64_t batch = f.rows.size(0), c = f.rows.size(1), n = f.n();
@@ -203,7 +210,7 @@ Tensor backward(const Tensor& grad, const Tensor& fm, const Tensor& householder,
   // (rowsᵀ as the right operand keeps the GEMMs in their fast layouts.)
   const Tensor left = at::cat({rv.v, w}, 2).to(acc);
   const Tensor right_t = at::bmm(at::cat({w, rv.v}, 2).transpose(1, 2).to(acc), f.rows);
-  return at::bmm(left, right_t).view(fm.sizes()).to(fm.scalar_type());
+  return product(left.contiguous(), right_t.contiguous()).view(fm.sizes()).to(fm.scalar_type());
 }
 
 }  // namespace topk

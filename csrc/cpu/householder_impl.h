@@ -170,3 +170,23 @@ inline void bisect8(const double* d, const double* e2, int64_t n, double lo0, do
   }
   for (int t = 0; t < m; ++t) out[t] = 0.5 * (lo[t] + hi[t]);
 }
+
+// out [c, hw] = left [c, r] · right [r, hw] for a small r (the gradient's rank-2k product): each
+// output row is built in cache by r vectorised axpys. Batched GEMM libraries run this shape
+// (inner size 2k ≤ 16) far below their usual rate.
+template <typename T>
+inline void low_rank_product(const T* left, const T* right, int64_t c, int64_t r, int64_t hw, T* out) {
+  for (int64_t i = 0; i < c; ++i) {
+    T* o = out + i * hw;
+    const T* li = left + i * r;
+    const T l0 = li[0];
+#pragma omp simd
+    for (int64_t j = 0; j < hw; ++j) o[j] = l0 * right[j];
+    for (int64_t t = 1; t < r; ++t) {
+      const T lt = li[t];
+      const T* rt = right + t * hw;
+#pragma omp simd
+      for (int64_t j = 0; j < hw; ++j) o[j] += lt * rt[j];
+    }
+  }
+}

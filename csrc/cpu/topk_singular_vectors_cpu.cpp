@@ -283,6 +283,29 @@ std::tuple<Tensor, Tensor> complement_solve_cpu(const Tensor& householder, const
   return {y, exact};
 }
 
+// [B, C, r]·[B, r, HW] for small r, one sample per task (householder_impl.h's low_rank_product).
+Tensor low_rank_product_cpu(const Tensor& left, const Tensor& right) {
+  const int64_t batch = left.size(0), c = left.size(1), r = left.size(2), hw = right.size(2);
+  Tensor out = at::empty({batch, c, hw}, left.options());
+  AT_DISPATCH_FLOATING_TYPES(left.scalar_type(), "topk_singular_vectors_backward_cpu", [&] {
+    const scalar_t* lp = left.data_ptr<scalar_t>();
+    const scalar_t* rp = right.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+#ifdef MHGD_HOUSEHOLDER_AVX2
+        if (use_avx2()) {
+          cpu::householder_avx2::low_rank_product(lp + b * c * r, rp + b * r * hw, c, r, hw, op + b * c * hw);
+          continue;
+        }
+#endif
+        cpu::householder_generic::low_rank_product(lp + b * c * r, rp + b * r * hw, c, r, hw, op + b * c * hw);
+      }
+    });
+  });
+  return out;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topk_singular_vectors_cpu(const Tensor& fm, int64_t k,
                                                                               double eps, bool save_state) {
   return topk::forward(fm, k, eps, save_state, decompose_cpu);
@@ -292,7 +315,7 @@ Tensor topk_singular_vectors_backward_cpu(const Tensor& grad, const Tensor& fm, 
                                           const Tensor& tridiagonal, const Tensor& basis, const Tensor& eigenvalues,
                                           int64_t k, double eps) {
   return topk::backward(grad, fm, householder.contiguous(), tridiagonal.contiguous(), basis.contiguous(),
-                        eigenvalues, k, eps, complement_solve_cpu);
+                        eigenvalues, k, eps, complement_solve_cpu, low_rank_product_cpu);
 }
 
 }  // namespace

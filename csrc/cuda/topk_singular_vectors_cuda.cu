@@ -83,7 +83,7 @@ Tensor topk_singular_vectors_backward_cuda(const Tensor& grad, const Tensor& fm,
                                            const Tensor& eigenvalues, int64_t k, double eps) {
   const c10::cuda::CUDAGuard guard(fm.device());
   return topk::backward(grad, fm, householder.contiguous(), tridiagonal.contiguous(), basis.contiguous(),
-                        eigenvalues, k, eps, complement_solve_cuda);
+                        eigenvalues, k, eps, complement_solve_cuda, topk::batched_product);
 }
 
 }  // namespace
