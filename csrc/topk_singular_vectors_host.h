@@ -2,8 +2,9 @@
 // and CUDA implementations: the batched GEMMs (smaller-side Gram, v = Xᵀu/σ, the gradient's
 // rank-2k products) run through ATen; each device supplies the per-sample work:
 //
-//   decompose(gram, householder, tridiagonal, basis, eigenvalues) -> whether the Gram was finite
-//     Householder tridiagonalisation Gram = Q T Qᵀ (reflectors kept for the backward), the top
+//   decompose(features, householder, tridiagonal, basis, eigenvalues) -> whether the Gram was finite
+//     the smaller Gram (a batched GEMM, gram_of or the device's own split), its Householder
+//     tridiagonalisation Gram = Q T Qᵀ (reflectors kept for the backward), the top
 //     kk + 1 eigenvalues of T by bisection (exact, repeated values included) and the top kk
 //     eigenvectors by inverse iteration on T, mapped back by Q. O(4/3 n³) per sample instead of
 //     the ~9 n³ of a full eigendecomposition with vectors. With save_state false (no gradient
@@ -101,7 +102,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward(const Tensor& fm, int
   } else {
     // NaN/Inf anywhere in fm reach the Gram (its diagonal holds every squared entry); the device
     // kernel reports them instead of a separate pass over fm.
-    const bool finite = decompose(gram_of(f).contiguous(), householder, tridiagonal, basis, lam);
+    const bool finite = decompose(f, householder, tridiagonal, basis, lam);
     TORCH_CHECK_VALUE(finite, "fm contains NaN or Inf");
     const RightVectors rv = right_vectors(f, basis, lam, eps);
     out.narrow(1, 0, kk).copy_((rv.v * rv.scale.unsqueeze(1)).transpose(1, 2));

@@ -29,7 +29,8 @@ void check_size(int64_t batch, int64_t n, int64_t kk) {
   TORCH_CHECK(batch < (int64_t{1} << 31), "topk_singular_vectors (CUDA): batch too large for one launch");
 }
 
-bool decompose_cuda(const Tensor& gram, Tensor& householder, Tensor& tridiagonal, Tensor& basis, Tensor& lam) {
+bool decompose_cuda(const topk::Features& f, Tensor& householder, Tensor& tridiagonal, Tensor& basis, Tensor& lam) {
+  const Tensor gram = topk::gram_of(f).contiguous();
   const int64_t batch = gram.size(0), n = gram.size(1), kk = basis.size(2), nl = lam.size(1);
   check_size(batch, n, kk);
   // Without saved state (no gradient wanted) the factors go to temporaries.
