@@ -109,38 +109,12 @@ void decompose_sample(double* a, int64_t n, int64_t kk, double* tri_out, double*
 // near 0.05–0.1); a slower sample takes the full route.
 constexpr int kMaxPowerSteps = 30;
 
-// Top eigenpair of the Gram by power iteration in float64, or false when it has not converged to
-// ‖G v − θ v‖ ≤ tol·θ (or the Gram is zero, which the full route handles exactly).
-bool power_iteration(const double* gram, int64_t n, double tol, double* v, double* w, double* theta_out) {
-  double norm = 0;
-  for (int64_t i = 0; i < n; ++i) {  // positive start: a post-ReLU Gram's Perron vector is non-negative
-    v[i] = 1.0 + 0.25 * std::sin(1.0 + 2.3 * static_cast<double>(i));
-    norm += v[i] * v[i];
-  }
-  norm = std::sqrt(norm);
-  for (int64_t i = 0; i < n; ++i) v[i] /= norm;
-  for (int step = 0; step < kMaxPowerSteps; ++step) {
-    for (int64_t i = 0; i < n; ++i) {
-      const double* row = gram + i * n;
-      double sum = 0;
-      for (int64_t j = 0; j < n; ++j) sum += row[j] * v[j];
-      w[i] = sum;
-    }
-    double theta = 0, resid = 0, wnorm = 0;
-    for (int64_t i = 0; i < n; ++i) theta += v[i] * w[i];
-    for (int64_t i = 0; i < n; ++i) {
-      resid += (w[i] - theta * v[i]) * (w[i] - theta * v[i]);
-      wnorm += w[i] * w[i];
-    }
-    if (!(theta > 0) || wnorm == 0) return false;
-    if (std::sqrt(resid) <= tol * theta) {
-      *theta_out = theta;
-      return true;
-    }
-    wnorm = std::sqrt(wnorm);
-    for (int64_t i = 0; i < n; ++i) v[i] = w[i] / wnorm;
-  }
-  return false;
+// The top eigenpair by power steps (householder_impl.h), AVX2 where the CPU has it.
+bool power_iteration(const double* gram, int64_t n, double tol, double* v, double* w, double* theta) {
+#ifdef MHGD_HOUSEHOLDER_AVX2
+  if (use_avx2()) return cpu::householder_avx2::power_iteration(gram, n, tol, kMaxPowerSteps, v, w, theta);
+#endif
+  return cpu::householder_generic::power_iteration(gram, n, tol, kMaxPowerSteps, v, w, theta);
 }
 
 // The smaller Gram G = P Pᵀ (P = X rows' side: fm's [C, HW] on the XᵀX route, its transpose on
