@@ -158,9 +158,13 @@ Tensor backward(const Tensor& grad, const Tensor& fm, const Tensor& householder,
               grad.sizes());
   TORCH_CHECK(householder.dim() == 3, "topk_singular_vectors_backward: no saved state (the forward ran with "
               "save_state=False)");
-  TORCH_CHECK(householder.size(0) == batch && householder.size(1) == n &&
-                  householder.size(2) == n && tridiagonal.size(0) == batch && basis.size(0) == batch &&
-                  basis.size(1) == n && basis.size(2) == kk && eigenvalues.size(0) == batch,
+  TORCH_CHECK(householder.size(0) == batch && householder.size(1) == n && householder.size(2) == n &&
+                  tridiagonal.dim() == 3 && tridiagonal.size(0) == batch && tridiagonal.size(1) == 3 &&
+                  tridiagonal.size(2) == n && basis.dim() == 3 && basis.size(0) == batch && basis.size(1) == n &&
+                  basis.size(2) == kk && eigenvalues.dim() == 2 && eigenvalues.size(0) == batch &&
+                  eigenvalues.size(1) == std::min(n, kk + 1) && householder.scalar_type() == at::kDouble &&
+                  tridiagonal.scalar_type() == at::kDouble && basis.scalar_type() == at::kDouble &&
+                  eigenvalues.scalar_type() == at::kDouble,
               "topk_singular_vectors_backward: saved tensors do not match fm ", fm.sizes(), " and k = ", k);
   if (batch == 0 || kk == 0) return at::zeros_like(fm);
   const Tensor lam = eigenvalues.narrow(1, 0, kk);

@@ -118,9 +118,9 @@ MHGD_HD void shifted_lu(const double* d, const double* e, int64_t n, double shif
       swap[i] = 0;
       diag = next_diag - mult * sup;
       sup = next_sup;
-    } else {
+    } else {  // |sub| > |diag|: the pivot is sub, floored as in the other branch
       const double mult = diag / sub;
-      u0[i] = sub;
+      u0[i] = dabs(sub) < tiny ? (sub < 0 ? -tiny : tiny) : sub;
       u1[i] = next_diag;
       u2[i] = next_sup;
       l[i] = mult;
@@ -176,7 +176,8 @@ MHGD_HD void inverse_iteration(const double* d, const double* e, int64_t n, doub
   const double tiny = dmax(kDoubleEps * norm, kSafeMin);
   shifted_lu(d, e, n, lambda, tiny, u0, u1, u2, l, swap);
   for (int64_t i = 0; i < n; ++i) x[i] = start_component(i, seed);
-  for (int iter = 0; iter < 3; ++iter) {
+  // Three solves that keep something after the orthogonalisation (at most three restarts).
+  for (int iter = 0, kept = 0; iter < 6 && kept < 3; ++iter) {
     shifted_solve(n, u0, u1, u2, l, swap, x);
     for (int p = 0; p < prior_count; ++p) {
       const double* z = prior + static_cast<int64_t>(p) * n;
@@ -196,6 +197,7 @@ MHGD_HD void inverse_iteration(const double* d, const double* e, int64_t n, doub
     }
     nrm = sqrt(nrm);
     for (int64_t i = 0; i < n; ++i) x[i] /= nrm;
+    ++kept;
   }
 }
 
