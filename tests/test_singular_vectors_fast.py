@@ -3,7 +3,7 @@
 Accuracy is judged against a float64 SVD / the float64 reference: |cos| ≥ 0.99999 for every
 vector whose relative gap (σ_i − σ_{i+1})/σ_1 and (σ_{i−1} − σ_i)/σ_1 is ≥ 1e-3, and gradients
 within 1e-3 relative on such inputs. Both Gram routes (HW ≥ C: XᵀX; HW < C: XXᵀ) are covered,
-with sizes large enough for the iterative solver (the Gram exceeds the k+16 direct threshold).
+with Grams large enough (n ≥ 32) for the CPU's block-split Gram GEMMs.
 """
 import pytest
 import torch
@@ -73,8 +73,8 @@ def test_controlled_spectra_every_k(backend, dtype, c, hw, k):
 @pytest.mark.parametrize("c,hw", [(48, 96), (96, 48)])
 @pytest.mark.parametrize("k", [1, 8])
 def test_flat_spectrum_with_minimum_gaps(backend, dtype, c, hw, k):
-    """Relative gaps of ~1e-3·σ_1 over a flat top: for k = 1 the power steps and the filtered
-    iteration both run out and the exact fallback answers; results must still meet the target."""
+    """Relative gaps of ~1e-3·σ_1 over a flat top: bisection and inverse iteration must still
+    separate the vectors (and, without a gradient, k = 1's power steps give up for the full route)."""
     r = min(c, hw)
     sigmas = [1.0 - 0.0012 * i for i in range(10)] + [0.5 * 0.97 ** i for i in range(r - 10)]
     fm = controlled_map(2, c, hw, sigmas, dtype=dtype).to(device_of(backend))
@@ -110,8 +110,8 @@ def test_paper_shapes_small_batch(backend, c, side):
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("c,hw", [(40, 60), (60, 40)])
 def test_repeated_value_at_the_cut_is_finite_and_exact_above_it(backend, c, hw):
-    """σ_4 = σ_5 with k = 4: the backward's gap test sends the sample to the spectral solve,
-    which drops the coupling exactly as the reference; v_1..v_3 and their gradients are unique."""
+    """σ_4 = σ_5 with k = 4: the backward computes the pair at the cut and drops its coupling
+    exactly as the reference does; v_1..v_3 and their gradients are unique."""
     r = min(c, hw)
     sigmas = [4.0, 3.0, 2.0, 1.0, 1.0] + [0.5 * 0.9 ** i for i in range(r - 5)]
     fm = controlled_map(2, c, hw, sigmas).to(device_of(backend)).requires_grad_()
@@ -180,7 +180,7 @@ def test_small_valid_vectors_drop_the_null_space_term(backend, c, hw, k):
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("c,hw", [(40, 60), (60, 40)])
 def test_rank_below_k_on_large_gram(backend, c, hw):
-    """Rank 2 < k = 6 with a Gram large enough for the iteration: zero tail, zero gradient there."""
+    """Rank 2 < k = 6 on a Gram large enough for the block-split GEMMs: zero tail, zero gradient."""
     fm = controlled_map(3, c, hw, [3.0, 1.0]).to(device_of(backend)).requires_grad_()
     # The default eps (sqrt(machine eps)) sits exactly where the Gram's rounding puts σ_3 of a
     # rank-2 map, so the zero tail is only well defined with a larger eps.
