@@ -1,5 +1,6 @@
 // Per-sample dense kernels of topk_singular_vectors on the CPU (MHGD_SPEC.md §3): Householder
-// tridiagonalisation of a symmetric matrix and the application of its reflectors. Included twice
+// tridiagonalisation of a symmetric matrix and the application of its reflectors, bisection of
+// several eigenvalues in SIMD lanes, power steps, and the gradient's rank-2k product. Included twice
 // by topk_singular_vectors_cpu.cpp, inside namespaces compiled for AVX2+FMA and for the portable
 // baseline; it includes nothing itself (the includer brings <cmath> and <cstdint>).
 //
