@@ -27,14 +27,19 @@ MHGD_HD double dabs(double x) { return x < 0 ? -x : x; }
 MHGD_HD double dmax(double a, double b) { return a > b ? a : b; }
 MHGD_HD double dmin(double a, double b) { return a < b ? a : b; }
 
-// Gershgorin interval [lo, hi] that holds every eigenvalue, and the pivot floor of the Sturm
-// counts (LAPACK's pivmin: a zero pivot is replaced by -pivmin).
+// Gershgorin interval [lo, hi] that holds every eigenvalue, the pivot floor of the Sturm counts
+// (LAPACK's pivmin: a zero pivot is replaced by -pivmin) and the bisection's absolute tolerance.
 struct Bounds {
-  double lo, hi, norm, pivmin;
+  double lo, hi, norm, pivmin, tol;
 };
 
+// Whether a bisection interval [lo, hi] is still wider than the tolerance at its midpoint.
+MHGD_HD bool interval_open(const Bounds& b, double lo, double hi) {
+  return hi - lo > b.tol + 2.0 * kDoubleEps * dabs(0.5 * (lo + hi));
+}
+
 MHGD_HD Bounds gershgorin(const double* d, const double* e, int64_t n) {
-  Bounds b{d[0], d[0], 0.0, 0.0};
+  Bounds b{d[0], d[0], 0.0, 0.0, 0.0};
   double emax = 0;
   for (int64_t i = 0; i < n; ++i) {
     const double r = (i > 0 ? dabs(e[i - 1]) : 0.0) + (i + 1 < n ? dabs(e[i]) : 0.0);
@@ -48,6 +53,7 @@ MHGD_HD Bounds gershgorin(const double* d, const double* e, int64_t n) {
   const double pad = 2.0 * kDoubleEps * b.norm * static_cast<double>(n) + 2.0 * b.pivmin;
   b.lo -= pad;
   b.hi += pad;
+  b.tol = 2.0 * kDoubleEps * b.norm + 4.0 * b.pivmin;
   return b;
 }
 
@@ -62,12 +68,11 @@ MHGD_HD void bisect_descending(const double* d, const double* e2, int64_t n, con
     lo[t] = b.lo;
     hi[t] = b.hi;
   }
-  const double tol = 2.0 * kDoubleEps * b.norm + 4.0 * b.pivmin;
   for (int iter = 0; iter < 128; ++iter) {
     bool open = false;
     for (int t = 0; t < m; ++t) {
       mid[t] = 0.5 * (lo[t] + hi[t]);
-      open = open || (hi[t] - lo[t] > tol + 2.0 * kDoubleEps * dabs(mid[t]));
+      open = open || interval_open(b, lo[t], hi[t]);
     }
     if (!open) break;
     // Number of eigenvalues below mid[t]: negative pivots of the LDLᵀ of T − mid·I.

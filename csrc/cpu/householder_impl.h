@@ -2,7 +2,7 @@
 // tridiagonalisation of a symmetric matrix and the application of its reflectors, bisection of
 // several eigenvalues in SIMD lanes, power steps, and the gradient's rank-2k product. Included twice
 // by topk_singular_vectors_cpu.cpp, inside namespaces compiled for AVX2+FMA and for the portable
-// baseline; it includes nothing itself (the includer brings <cmath> and <cstdint>).
+// baseline; it includes nothing itself (the includer brings <cmath>, <cstdint> and tridiagonal.h).
 //
 // Storage: `a` is n×n row-major; only the upper triangle (k ≥ i) is read or written. After
 // tridiagonalize, row j right of the diagonal holds reflector j's vector u_j (entries j+1..n-1)
@@ -127,27 +127,27 @@ inline void apply_q(const double* a, const double* beta, int64_t n, double* x, i
 // Descending eigenvalues first..first+m-1 (m ≤ 8) of the tridiagonal (d, e2 = off²) by Sturm-count
 // bisection, the eight intervals in SIMD lanes (two independent AVX2 registers) so that their
 // division chains overlap: the count's dependent divisions are the cost. Same recurrence and
-// pivot floor as tridiagonal::bisect_descending; lo0/hi0/pivmin/tol from its Bounds.
-inline void bisect8(const double* d, const double* e2, int64_t n, double lo0, double hi0, double pivmin, double tol,
+// pivot floor and stopping rule as tridiagonal::bisect_descending.
+inline void bisect8(const double* d, const double* e2, int64_t n, const ::mhgd_fast::tridiagonal::Bounds& b,
                     int64_t first, int m, double* out) {
   constexpr int kLanes = 8;
   alignas(64) double lo[kLanes], hi[kLanes], mid[kLanes], q[kLanes], below[kLanes], target[kLanes];
   for (int t = 0; t < kLanes; ++t) {
-    lo[t] = lo0;
-    hi[t] = hi0;
+    lo[t] = b.lo;
+    hi[t] = b.hi;
     target[t] = static_cast<double>(n - 1 - (first + (t < m ? t : m - 1)));  // ascending index
   }
   for (int iter = 0; iter < 128; ++iter) {
     bool open = false;
     for (int t = 0; t < kLanes; ++t) {
       mid[t] = 0.5 * (lo[t] + hi[t]);
-      open = open || (t < m && hi[t] - lo[t] > tol + 4.440892098500626e-16 * std::fabs(mid[t]));
+      open = open || (t < m && ::mhgd_fast::tridiagonal::interval_open(b, lo[t], hi[t]));
     }
     if (!open) break;
 #pragma omp simd
     for (int t = 0; t < kLanes; ++t) {
       double v = d[0] - mid[t];
-      v = std::fabs(v) < pivmin ? -pivmin : v;
+      v = std::fabs(v) < b.pivmin ? -b.pivmin : v;
       q[t] = v;
       below[t] = v < 0 ? 1.0 : 0.0;
     }
@@ -156,7 +156,7 @@ inline void bisect8(const double* d, const double* e2, int64_t n, double lo0, do
 #pragma omp simd
       for (int t = 0; t < kLanes; ++t) {
         double v = di - mid[t] - ei / q[t];
-        v = std::fabs(v) < pivmin ? -pivmin : v;
+        v = std::fabs(v) < b.pivmin ? -b.pivmin : v;
         q[t] = v;
         below[t] += v < 0 ? 1.0 : 0.0;
       }

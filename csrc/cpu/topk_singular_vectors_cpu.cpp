@@ -67,16 +67,15 @@ void apply_q(const double* a, const double* beta, int64_t n, double* x, int64_t 
 // The top eigenvalues first..first+m-1 of T, eight at a time (householder_impl.h's bisect8).
 void bisect_top(const double* d, const double* e2, int64_t n, const tri::Bounds& b, int64_t first, int64_t m,
                 double* out) {
-  const double tol = 2.0 * tri::kDoubleEps * b.norm + 4.0 * b.pivmin;  // as tri::bisect_descending
   for (int64_t g = 0; g < m; g += 8) {
     const int count = static_cast<int>(std::min<int64_t>(8, m - g));
 #ifdef MHGD_HOUSEHOLDER_AVX2
     if (use_avx2()) {
-      cpu::householder_avx2::bisect8(d, e2, n, b.lo, b.hi, b.pivmin, tol, first + g, count, out + g);
+      cpu::householder_avx2::bisect8(d, e2, n, b, first + g, count, out + g);
       continue;
     }
 #endif
-    cpu::householder_generic::bisect8(d, e2, n, b.lo, b.hi, b.pivmin, tol, first + g, count, out + g);
+    cpu::householder_generic::bisect8(d, e2, n, b, first + g, count, out + g);
   }
 }
 
