@@ -13,11 +13,11 @@ from ._extension import ExtensionVersionError, build_info  # noqa: E402  (needs 
 from . import _torch_ops  # noqa: E402,F401  registers fake kernels and autograd of the compiled ops
 from . import ops, reference  # noqa: E402
 from .backends import BackendUnavailableError, available_backends  # noqa: E402
-from .balancing import balanced_backward, clip_by_norm, transfer_clip_factor  # noqa: E402
+from .balancing import balanced_backward, clip_by_norm, transfer_clip_factor, weighted_backward  # noqa: E402
 from .module import MHGD  # noqa: E402
 
 __all__ = [
     "__version__", "available_backends", "build_info", "ops", "reference", "MHGD",
-    "balanced_backward", "clip_by_norm", "transfer_clip_factor",
+    "balanced_backward", "weighted_backward", "clip_by_norm", "transfer_clip_factor",
     "BackendUnavailableError", "ExtensionVersionError",
 ]

@@ -2,10 +2,12 @@
 
 For every student parameter tensor separately::
 
-    g = g_wd + g_ce + clip_by_norm(g_transfer, ‖g_ce‖₂ · σ(epoch − init_epoch))
+    g = g_wd + g_ce + clip_by_norm(g_transfer, cap · ‖g_ce‖₂ · σ(epoch − init_epoch))
 
-:func:`balanced_backward` writes ``g_ce + clip(g_transfer)`` into ``.grad``; ``g_wd`` is the
-optimiser's own ``weight_decay`` (SGD adds ``wd·w`` before momentum, as the authors do).
+with ``cap = 1`` in the authors' recipe. :func:`balanced_backward` writes ``g_ce +
+clip(g_transfer)`` into ``.grad``; ``g_wd`` is the optimiser's own ``weight_decay`` (SGD adds
+``wd·w`` before momentum, as the authors do). :func:`weighted_backward` is the unbalanced
+alternative, ``g_ce + weight · g_transfer``, with the same diagnostics.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-__all__ = ["transfer_clip_factor", "clip_by_norm", "balanced_backward"]
+__all__ = ["transfer_clip_factor", "clip_by_norm", "balanced_backward", "weighted_backward"]
 
 
 def transfer_clip_factor(epoch: float, init_epoch: float) -> float:
@@ -35,23 +37,25 @@ def clip_by_norm(t: torch.Tensor, max_norm: torch.Tensor) -> torch.Tensor:
     return t * (max_norm / torch.maximum(norm, max_norm).clamp_min(torch.finfo(t.dtype).tiny))
 
 
-def balanced_backward(ce_loss: torch.Tensor, transfer_loss: torch.Tensor,
-                      params: Iterable[torch.nn.Parameter], epoch: float, init_epoch: float,
-                      retain_graph: Optional[bool] = None,
-                      reduce_grads: Optional[Callable] = None) -> dict:
-    """Accumulate the balanced gradient of ``ce_loss`` and ``transfer_loss`` into ``p.grad``.
+def _check_nonnegative(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
+    return value
 
-    Two backward passes over the shared graph give the CE and transfer gradients separately; each
-    parameter's transfer gradient is clipped to ``‖g_ce‖ · σ(epoch − init_epoch)``. Parameters
-    the CE loss does not reach get no transfer gradient either (their cap is 0). Returns the summed
-    norms ``{"ce": …, "transfer": …, "transfer_clipped": …, "factor": …}`` for logging.
 
-    ``reduce_grads(kind, grads)`` (``kind`` is ``"ce"`` or ``"transfer"``), when given, replaces
-    each gradient list before clipping; data-parallel training passes a cross-process all-reduce
-    so the clip compares the global CE and transfer gradients.
-    """
-    params = [p for p in params if p.requires_grad]
-    factor = transfer_clip_factor(epoch, init_epoch)
+def _stats(sq: dict, dot: list, clipped: int, tensors: int, factor: float) -> dict:
+    """Summed norms, the cosine between the two gradients over all tensors, the clipped share."""
+    stats = {key: float(torch.stack(v).sum().sqrt()) if v else 0.0 for key, v in sq.items()}
+    norm_product = stats["ce"] * stats["transfer"]
+    stats["cosine"] = float(torch.stack(dot).sum()) / norm_product if dot and norm_product > 0 else float("nan")
+    stats["ratio"] = stats["transfer"] / stats["ce"] if stats["ce"] > 0 else float("nan")
+    stats["clipped_share"] = clipped / tensors if tensors else float("nan")
+    stats["factor"] = factor
+    return stats
+
+
+def _two_gradients(ce_loss, transfer_loss, params, retain_graph, reduce_grads):
     g_ce = torch.autograd.grad(ce_loss, params, retain_graph=True, allow_unused=True)
     if transfer_loss.requires_grad:
         g_tr = torch.autograd.grad(transfer_loss, params, retain_graph=retain_graph, allow_unused=True)
@@ -60,17 +64,77 @@ def balanced_backward(ce_loss: torch.Tensor, transfer_loss: torch.Tensor,
     if reduce_grads is not None:
         g_ce = reduce_grads("ce", g_ce)
         g_tr = reduce_grads("transfer", g_tr)
+    return g_ce, g_tr
+
+
+def balanced_backward(ce_loss: torch.Tensor, transfer_loss: torch.Tensor,
+                      params: Iterable[torch.nn.Parameter], epoch: float, init_epoch: float,
+                      retain_graph: Optional[bool] = None,
+                      reduce_grads: Optional[Callable] = None, cap: float = 1.0) -> dict:
+    """Accumulate the balanced gradient of ``ce_loss`` and ``transfer_loss`` into ``p.grad``.
+
+    Two backward passes over the shared graph give the CE and transfer gradients separately; each
+    parameter's transfer gradient is clipped to ``cap · ‖g_ce‖ · σ(epoch − init_epoch)`` (the
+    authors' rule is ``cap = 1``; ``cap = 0`` drops the transfer gradient). Parameters the CE loss
+    does not reach get no transfer gradient either (their cap is 0).
+
+    Returns diagnostics over all tensors: the norms ``"ce"``, ``"transfer"`` (before clipping) and
+    ``"transfer_clipped"``; ``"ratio"`` = ‖g_transfer‖/‖g_ce‖; ``"cosine"`` between the CE and
+    the (unclipped) transfer gradient; ``"clipped_share"``, the share of tensors whose transfer
+    gradient was shortened; and the clip ``"factor"`` σ(·).
+
+    ``reduce_grads(kind, grads)`` (``kind`` is ``"ce"`` or ``"transfer"``), when given, replaces
+    each gradient list before clipping; data-parallel training passes a cross-process all-reduce
+    so the clip compares the global CE and transfer gradients.
+    """
+    cap = _check_nonnegative("cap", cap)
+    params = [p for p in params if p.requires_grad]
+    factor = transfer_clip_factor(epoch, init_epoch)
+    g_ce, g_tr = _two_gradients(ce_loss, transfer_loss, params, retain_graph, reduce_grads)
     sq = {"ce": [], "transfer": [], "transfer_clipped": []}  # squared norms, summed once at the end
+    dot, clipped, tensors = [], 0, 0
     for p, gc, gt in zip(params, g_ce, g_tr):
         gc = torch.zeros_like(p) if gc is None else gc
         grad = gc
         if gt is not None:
-            clipped = clip_by_norm(gt, gc.norm() * factor)
-            grad = gc + clipped
-            sq["transfer"].append(gt.detach().pow(2).sum())
-            sq["transfer_clipped"].append(clipped.detach().pow(2).sum())
+            gc_norm, gt_norm = gc.norm(), gt.norm()
+            max_norm = gc_norm * (cap * factor)
+            shortened = clip_by_norm(gt, max_norm)
+            grad = gc + shortened
+            sq["transfer"].append(gt_norm.detach().pow(2))
+            sq["transfer_clipped"].append(shortened.detach().pow(2).sum())
+            dot.append((gc.detach() * gt.detach()).sum())
+            clipped += int(gt_norm > max_norm)
+            tensors += 1
         sq["ce"].append(gc.detach().pow(2).sum())
         p.grad = grad.detach() if p.grad is None else p.grad + grad.detach()
-    stats = {key: float(torch.stack(v).sum().sqrt()) if v else 0.0 for key, v in sq.items()}
-    stats["factor"] = factor
-    return stats
+    return _stats(sq, dot, clipped, tensors, factor)
+
+
+def weighted_backward(ce_loss: torch.Tensor, transfer_loss: torch.Tensor,
+                      params: Iterable[torch.nn.Parameter], weight: float = 1.0,
+                      retain_graph: Optional[bool] = None, reduce_grads: Optional[Callable] = None) -> dict:
+    """Accumulate the gradient of ``ce_loss + weight · transfer_loss`` into ``p.grad`` (no
+    balancing), with the same diagnostics as :func:`balanced_backward` (``"transfer"`` is the norm
+    of the weighted transfer gradient; nothing is clipped). Two backward passes: use a plain
+    ``backward()`` on the sum when no diagnostics are wanted."""
+    weight = _check_nonnegative("weight", weight)
+    params = [p for p in params if p.requires_grad]
+    g_ce, g_tr = _two_gradients(ce_loss, transfer_loss, params, retain_graph, reduce_grads)
+    sq = {"ce": [], "transfer": [], "transfer_clipped": []}
+    dot, tensors = [], 0
+    for p, gc, gt in zip(params, g_ce, g_tr):
+        if gc is None and gt is None:
+            continue
+        gc = torch.zeros_like(p) if gc is None else gc
+        grad = gc
+        if gt is not None:
+            gt = gt * weight
+            grad = gc + gt
+            sq["transfer"].append(gt.detach().pow(2).sum())
+            sq["transfer_clipped"].append(sq["transfer"][-1])
+            dot.append((gc.detach() * gt.detach()).sum())
+            tensors += 1
+        sq["ce"].append(gc.detach().pow(2).sum())
+        p.grad = grad.detach() if p.grad is None else p.grad + grad.detach()
+    return _stats(sq, dot, 0, tensors, 1.0)

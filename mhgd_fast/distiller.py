@@ -133,13 +133,14 @@ class MHGDDistiller(Distiller):
         self.teacher_capture.clear()
         return loss
 
-    def forward(self, images, targets):
-        """Stage 2 (§6): student logits and ``{"ce", "transfer"}``."""
+    def forward(self, images, targets, stats: Optional[dict] = None):
+        """Stage 2 (§6): student logits and ``{"ce", "transfer"}``; ``stats``, when a dict is
+        given, receives :meth:`MHGD.forward`'s diagnostics."""
         t_feats = self.teacher_features(images)
         logits = self.student(images)
         ce = F.cross_entropy(logits, targets)
         if torch.isfinite(ce):
-            transfer = self.mhgd(self.student_capture.features, t_feats, gather=self.gather)
+            transfer = self.mhgd(self.student_capture.features, t_feats, gather=self.gather, stats=stats)
         else:  # the SVD would reject non-finite features; let the caller see a non-finite loss
             transfer = torch.full_like(ce, float("nan"))
         losses = {"ce": ce, "transfer": transfer}

@@ -7,16 +7,20 @@ statistics and never changes the module.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+import math
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
-from ._validation import check_choice, check_float_tensor
+from . import ops, reference
+from ._validation import check_choice, check_float_tensor, check_scale
 
-__all__ = ["MHGD", "GraphPair", "Estimator", "drop_head_mask"]
+__all__ = ["MHGD", "GraphPair", "Estimator", "drop_head_mask", "SCALE_RSQRT_D", "SATURATION_LEVEL"]
+
+SCALE_RSQRT_D = "rsqrt-d"   # MHGD(scale=...) option: 1/√d for each pair, d its per-head width
+SATURATION_LEVEL = 0.995     # a logit counts as saturated when |tanh S| exceeds this
 
 
 def _init_linear(linear: nn.Linear) -> None:
@@ -102,15 +106,16 @@ class MHGD(nn.Module):
         channels: channel count at each sensing point (teacher and student must agree).
         heads: attention heads per pair (§4, default 8).
         student_vectors: singular vectors kept per student map before alignment (§3).
-        squash: stage-2 logit squashing, ``"tanh"`` (paper) or ``None``.
-        scale: logit scale (paper: 1).
+        squash: stage-2 logit squashing, ``"tanh"`` (paper) or ``None`` (also ``"none"``).
+        scale: logit scale, in both stages: a number (paper: 1) or ``"rsqrt-d"`` for
+            ``1/√d`` per pair (``d`` the pair's per-head width, as in scaled dot-product attention).
         reduction: how :meth:`forward` reduces each pair's KL rows: ``"sum"`` (paper) or
             ``"mean"``; pairs are summed.
         backend: backend for every op (``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``).
     """
 
     def __init__(self, channels: Sequence[int], *, heads: int = 8, student_vectors: int = 4,
-                 squash="tanh", scale: float = 1.0, reduction: str = "sum", backend: str = "auto"):
+                 squash="tanh", scale: Union[float, str] = 1.0, reduction: str = "sum", backend: str = "auto"):
         super().__init__()
         channels = list(channels)
         if len(channels) < 2 or not all(isinstance(c, int) and c > 0 for c in channels):
@@ -119,12 +124,21 @@ class MHGD(nn.Module):
             raise ValueError(f"heads must be a positive int, got {heads!r}")
         if not isinstance(student_vectors, int) or student_vectors < 1:
             raise ValueError(f"student_vectors must be a positive int, got {student_vectors!r}")
+        squash = None if squash == "none" else squash
         check_choice("squash", squash, ops.SQUASHES)
         check_choice("reduction", reduction, ("sum", "mean"))
+        if scale != SCALE_RSQRT_D:
+            if isinstance(scale, str):
+                raise ValueError(f"scale must be a number or {SCALE_RSQRT_D!r}, got {scale!r}")
+            scale = check_scale(scale)
         self.channels, self.heads, self.student_vectors = channels, heads, student_vectors
-        self.squash, self.scale, self.reduction, self.backend = squash, float(scale), reduction, backend
+        self.squash, self.scale, self.reduction, self.backend = squash, scale, reduction, backend
         self.pairs = nn.ModuleList(GraphPair(channels[m], channels[m + 1], heads)
                                    for m in range(len(channels) - 1))
+
+    def pair_scale(self, m: int) -> float:
+        """The logit scale of pair ``m``: ``scale``, or ``1/√d`` of that pair for ``"rsqrt-d"``."""
+        return 1.0 / math.sqrt(self.pairs[m].d) if self.scale == SCALE_RSQRT_D else self.scale
 
     def _check_feats(self, name: str, feats) -> None:
         if not isinstance(feats, (list, tuple)) or len(feats) != len(self.channels):
@@ -166,7 +180,7 @@ class MHGD(nn.Module):
         for m, pair in enumerate(self.pairs):
             v_front, v_back = vecs[m], vecs[m + 1]
             q, k = pair.queries_keys(v_front, v_back, frozen=False)
-            graph = ops.attention_graph(q, k, squash=None, scale=self.scale, backend=self.backend)
+            graph = ops.attention_graph(q, k, squash=None, scale=self.pair_scale(m), backend=self.backend)
             v_hat = pair.estimator(graph, v_front, drop_head=self.training)
             loss = loss + (1 - (v_hat * v_back).sum(-1)).mean()
         if weight_decay:
@@ -174,14 +188,21 @@ class MHGD(nn.Module):
         return loss
 
     def forward(self, student_feats, teacher_feats, *,
-                gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+                gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                stats: Optional[dict] = None) -> torch.Tensor:
         """Stage-2 transfer loss (§6): Σ_pairs graph_kl(student ‖ teacher) through the frozen
         heads. Gradients reach ``student_feats`` only; the module's parameters and BN statistics
         are neither trained nor updated.
 
         ``gather`` maps the local column keys ``[H, N, d]`` to the keys of every column of the
         graph ``[H, M, d]`` (e.g. :func:`mhgd_fast.distributed.all_gather_columns` for a graph
-        over the global batch); rows stay local, so each process sums the KL of its own rows."""
+        over the global batch); rows stay local, so each process sums the KL of its own rows.
+
+        ``stats``, when a dict is given, receives diagnostics (floats, nothing is differentiated):
+        ``kl_row_p{m}``, the mean KL per graph row of pair m; ``sat_student_p{m}`` and
+        ``sat_teacher_p{m}``, the share of the pair's logits with ``|tanh S| > 0.995`` (saturated
+        whether or not the loss squashes them); and, when ``squash`` is None and a compiled backend
+        runs, ``kl_check_p{m}``, the relative difference of the loss to the reference backend's."""
         self._check_feats("student_feats", student_feats)
         self._check_feats("teacher_feats", teacher_feats)
         if student_feats[0].shape[0] != teacher_feats[0].shape[0]:
@@ -197,7 +218,25 @@ class MHGD(nn.Module):
                 q_t, k_t = pair.queries_keys(v_t[m], v_t[m + 1], frozen=True)
             if gather is not None:
                 k_s, k_t = gather(k_s), gather(k_t)
-            loss = loss + ops.graph_kl(q_s, k_s, q_t, k_t, squash=self.squash, scale=self.scale,
-                                       direction="student_teacher", reduction=self.reduction,
-                                       backend=self.backend)
+            scale = self.pair_scale(m)
+            term = ops.graph_kl(q_s, k_s, q_t, k_t, squash=self.squash, scale=scale,
+                                direction="student_teacher", reduction=self.reduction, backend=self.backend)
+            if stats is not None:
+                stats.update(self._pair_stats(m, term, q_s, k_s, q_t, k_t, scale))
+            loss = loss + term
         return loss
+
+    def _pair_stats(self, m, term, q_s, k_s, q_t, k_t, scale) -> dict:
+        with torch.no_grad():
+            rows = q_s.shape[0] * q_s.shape[1]
+            total = float(term) * (rows if self.reduction == "mean" else 1)
+            out = {f"kl_row_p{m}": total / max(rows, 1)}
+            threshold = math.atanh(SATURATION_LEVEL)
+            for side, q, k in (("student", q_s, k_s), ("teacher", q_t, k_t)):
+                logits = scale * (q.float() @ k.float().transpose(-1, -2))
+                out[f"sat_{side}_p{m}"] = float((logits.abs() > threshold).float().mean())
+            if self.squash is None and self.backend != "reference":
+                exact = float(reference.graph_kl(*(t.detach().double() for t in (q_s, k_s, q_t, k_t)),
+                                                 None, scale, "student_teacher", "sum"))
+                out[f"kl_check_p{m}"] = abs(total - exact) / max(abs(exact), 1e-12)
+        return out

@@ -10,8 +10,13 @@ import argparse
 import dataclasses
 import sys
 
+from tqdm import tqdm
+
 from .pipeline import (METHODS, NonFiniteLossError, PipelineConfig, RunDirMismatch, TrainingInterrupted,
                        run_demo, run_pipeline)
+from .pipeline.config import parse_scale
+from .pipeline.study import run_study
+from .pipeline.settings import SETTINGS, study_config
 from .data import DataFolderError
 
 __all__ = ["add_subcommands", "config_from_args", "cmd_train", "cmd_demo"]
@@ -22,6 +27,9 @@ FLAG_HELP = {
     "data_dir": "folder holding the extracted python archive (cifar-100-python/ or cifar-10-batches-py/)",
     "synthetic_train": "training images of the synthetic dataset",
     "synthetic_test": "test images of the synthetic dataset",
+    "data_seed": "seed of the synthetic images and of the validation split (default: --seed)",
+    "val_split": "share of the training set held out for validation: never trained on, reported as val acc, "
+                 "and the held-out set of the stage-1 estimator loss",
     "teacher": "teacher network (resnet8..110[x4], wrn-D-K, vgg8..19, mobilenet)",
     "student": "student network (same names)",
     "teacher_width": "channel multiplier of the teacher",
@@ -42,7 +50,12 @@ FLAG_HELP = {
     "heads": "attention heads per pair of sensing points",
     "student_vectors": "singular vectors kept per student map before alignment",
     "global_graph": "build each graph over the global batch (rows local, columns gathered from all processes)",
-    "balance": "the authors' gradient balancing in stage 2 (--no-balance: plain CE + transfer)",
+    "balance": "the authors' gradient balancing in stage 2 (--no-balance: plain CE + transfer-weight · transfer)",
+    "transfer_cap": "balancing clips each tensor's transfer gradient to this times ‖g_ce‖·σ(epoch − stage-1 epochs)",
+    "transfer_weight": "weight of the transfer loss (it only matters where the clip does not bind, e.g. --no-balance)",
+    "scale": "logit scale of the attention graphs: a number, or rsqrt-d for 1/√d per pair",
+    "squash": "stage-2 logit squashing before the softmax: tanh (authors) or none",
+    "diag_every": "sample the stage-2 diagnostics every this many steps (0: off)",
     "kd_temperature": "temperature of classic KD",
     "kd_ce_weight": "cross-entropy weight of classic KD",
     "kd_weight": "soft-target weight of classic KD",
@@ -54,21 +67,39 @@ FLAG_HELP = {
 }
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, defaults: PipelineConfig) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, defaults: PipelineConfig, skip=(),
+                      suppress: bool = False) -> None:
+    """One flag per config field. ``suppress``: absent flags stay out of the namespace (the
+    caller layers the given ones over a preset); the help still shows the authors' value."""
     for f in dataclasses.fields(PipelineConfig):
+        if f.name in skip:
+            continue
         flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
         help_text = f"{FLAG_HELP[f.name]} (default: %(default)s)"
-        if isinstance(default, bool):
+        if suppress:
+            help_text = f"{FLAG_HELP[f.name]} (authors': {default})".replace("%", "%%")
+            default = argparse.SUPPRESS
+        if isinstance(getattr(defaults, f.name), bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif isinstance(default, list):
-            kind = type(default[0])
+        elif isinstance(getattr(defaults, f.name), list):
+            kind = type(getattr(defaults, f.name)[0])
             parser.add_argument(flag, nargs="+", type=kind, default=default, help=help_text,
                                 **({"choices": METHODS} if f.name == "methods" else {}))
         elif f.name == "dataset":
             parser.add_argument(flag, choices=("cifar10", "cifar100", "synthetic"), default=default, help=help_text)
+        elif f.name == "squash":
+            parser.add_argument(flag, choices=("tanh", "none"), default=default, help=help_text)
         else:
-            kind = {"threads": int, "teacher_checkpoint": str}.get(f.name, type(default))
+            kind = {"threads": int, "teacher_checkpoint": str, "data_seed": int,
+                    "scale": _scale_arg}.get(f.name, type(getattr(defaults, f.name)))
             parser.add_argument(flag, type=kind, default=default, help=help_text)
+
+
+def _scale_arg(text: str):
+    try:
+        return parse_scale(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
@@ -89,7 +120,16 @@ def _run(fn, *a, **kw) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    return _run(lambda: run_pipeline(config_from_args(args)))
+    return _run(lambda: print(run_pipeline(config_from_args(args))["table"]))
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(PipelineConfig) if hasattr(args, f.name)}
+    base = study_config(args.setting, **given)
+    seeds = args.seed_list if args.seed_list else list(range(args.seeds))
+    return _run(lambda: run_study(base, args.study_dir or f"runs/study-{args.setting}", name=args.name,
+                                  seeds=seeds, teacher_seed=args.teacher_seed,
+                                  log=lambda message: tqdm.write(message, file=sys.stderr)))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -115,4 +155,24 @@ def add_subcommands(subparsers) -> None:
                     "ResNet32x4 → ResNet8x4). Run the same command again to resume; use torchrun for DDP.")
     _add_config_flags(train, PipelineConfig())
     train.set_defaults(handler=cmd_train)
+
+    study = subparsers.add_parser(
+        "study", help="one configuration over several seeds: mean ± std, paired differences to the student alone",
+        description="Train one teacher, then the student alone, KD and MHGD for every seed; report per method "
+                    "mean ± std of the test accuracy and the paired difference to the student alone with a 95 %% "
+                    "t-interval (study.json, study.md, study.png under --study-dir/--name, and summary.md over "
+                    "every study in --study-dir). Runs are shared between the studies of one folder; run the "
+                    "same command again to resume.")
+    study.add_argument("--setting", choices=sorted(SETTINGS), default="authors",
+                       help="built-in base configuration the flags below modify: " +
+                            "; ".join(f"{k}: {v['about']}" for k, v in sorted(SETTINGS.items())) +
+                            " (default: %(default)s)")
+    study.add_argument("--study-dir", default=None, help="folder of the study's runs and reports "
+                       "(default: runs/study-<setting>)")
+    study.add_argument("--name", default="recipe", help="name of this configuration's report folder (default: %(default)s)")
+    study.add_argument("--seeds", type=int, default=5, help="number of seeds, 0..N-1 (default: %(default)s)")
+    study.add_argument("--seed-list", type=int, nargs="+", help="explicit seeds instead of --seeds")
+    study.add_argument("--teacher-seed", type=int, default=0, help="seed of the shared teacher (default: %(default)s)")
+    _add_config_flags(study, PipelineConfig(), skip=("run_dir", "seed"), suppress=True)
+    study.set_defaults(handler=cmd_study)
 

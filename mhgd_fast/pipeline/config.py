@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import List, Optional
+import math
+from typing import List, Optional, Union
 
-__all__ = ["PipelineConfig", "METHODS"]
+__all__ = ["PipelineConfig", "METHODS", "parse_scale"]
 
 METHODS = ("student", "kd", "mhgd")  # comparable students, trained on one pipeline and one dataset
 
@@ -19,6 +20,8 @@ class PipelineConfig:
     data_dir: str = "data"
     synthetic_train: int = 10000
     synthetic_test: int = 2000
+    data_seed: Optional[int] = None    # seed of the synthetic images and of the validation split (None: seed)
+    val_split: float = 0.0             # share of the training set held out for validation (never trained on)
     teacher: str = "resnet32x4"
     student: str = "resnet8x4"
     teacher_width: float = 1.0
@@ -39,7 +42,12 @@ class PipelineConfig:
     heads: int = 8
     student_vectors: int = 4
     global_graph: bool = False
-    balance: bool = True             # §6 gradient balancing; off: plain CE + transfer
+    balance: bool = True             # §6 gradient balancing; off: plain CE + transfer_weight · transfer
+    transfer_cap: float = 1.0        # balancing clips g_transfer to transfer_cap · ‖g_ce‖ · σ(·) (authors: 1)
+    transfer_weight: float = 1.0     # multiplies the transfer loss (what counts without balancing)
+    scale: Union[float, str] = 1.0   # logit scale: a number (authors: 1) or "rsqrt-d" (1/√d per pair)
+    squash: str = "tanh"             # stage-2 logit squashing: tanh (authors) or none
+    diag_every: int = 10             # stage-2 diagnostics every this many steps (0: off)
     kd_temperature: float = 4.0
     kd_ce_weight: float = 1.0
     kd_weight: float = 1.0
@@ -62,13 +70,39 @@ class PipelineConfig:
 
     def validate(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
-        if bad or not self.methods:
-            raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {self.methods}")
+        if bad:  # an empty list trains (or loads) the teacher only
+            raise ValueError(f"methods must be a subset of {METHODS}, got {self.methods}")
         if self.dataset not in ("cifar10", "cifar100", "synthetic"):
             raise ValueError(f"dataset must be cifar10, cifar100 or synthetic, got {self.dataset!r}")
         for name in ("batch_size", "eval_batch_size", "heads", "student_vectors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        for name in ("teacher_epochs", "student_epochs", "stage1_epochs"):
+        for name in ("teacher_epochs", "student_epochs", "stage1_epochs", "diag_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        for name in ("transfer_cap", "transfer_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
+        if not 0 <= self.val_split < 1:
+            raise ValueError(f"val_split must be in [0, 1), got {self.val_split}")
+        if self.squash not in ("tanh", "none"):
+            raise ValueError(f"squash must be 'tanh' or 'none', got {self.squash!r}")
+        self.scale = parse_scale(self.scale)
+
+    @property
+    def effective_data_seed(self) -> int:
+        return self.seed if self.data_seed is None else self.data_seed
+
+
+def parse_scale(value) -> Union[float, str]:
+    """A logit scale: a finite number, or ``"rsqrt-d"`` (1/√d per pair)."""
+    if value == "rsqrt-d":
+        return value
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale must be a number or 'rsqrt-d', got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite number > 0 or 'rsqrt-d', got {value!r}")
+    return scale

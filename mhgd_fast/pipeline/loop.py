@@ -35,8 +35,14 @@ class TrainingInterrupted(Exception):
 class Phase:
     """What a phase trains and how one step goes.
 
-    ``forward(epoch, x, y) -> (logits or None, {name: loss})``: the runner checks every loss is
-    finite, then calls ``update(epoch, losses)`` (backward + optimiser step).
+    ``forward(epoch, step, x, y) -> (logits or None, {name: loss})``: the runner checks every
+    loss is finite, then calls ``update(epoch, losses)`` (backward + optimiser step).
+
+    ``diagnostics()``, when given, is called after each update and returns the values sampled at
+    that step (a dict of floats) or None; the runner averages them per epoch into ``metrics.csv``
+    and shows the latest in the progress bar. ``epoch_metrics()`` returns extra columns for the
+    epoch's row (e.g. validation accuracy, the held-out estimator loss); a ``"val_acc"`` among them
+    is tracked like the test accuracy.
     """
     name: str
     model_name: str
@@ -48,6 +54,9 @@ class Phase:
     update: Callable
     train_mode: Callable[[], None]
     evaluate: Optional[Callable[[], Tuple[float, float]]] = None
+    epoch_metrics: Optional[Callable[[], dict]] = None
+    diagnostics: Optional[Callable[[], Optional[dict]]] = None
+    postfix_keys: Dict[str, str] = field(default_factory=dict)  # diagnostics shown in the bar: key -> label
 
 
 @dataclass
@@ -134,7 +143,28 @@ def _restore(phase: Phase, state: dict) -> None:
 
 
 def _fresh_totals() -> dict:
-    return {"loss": 0.0, "transfer": 0.0, "correct": 0, "count": 0, "steps": 0, "seconds": 0.0}
+    return {"loss": 0.0, "transfer": 0.0, "correct": 0, "count": 0, "steps": 0, "seconds": 0.0, "diag": {}}
+
+
+def _format_value(value: float) -> str:
+    return f"{value:.3g}" if math.isfinite(value) else "nan"
+
+
+def _update_summary(summary: dict, row: dict) -> None:
+    """Final and best accuracies; with a validation split also the test accuracy at the epoch of
+    the best validation accuracy (the honest pick: chosen without looking at the test split)."""
+    if "test_acc" in row:
+        summary["final_test_acc"] = row["test_acc"]
+        best = summary["best_test_acc"]
+        summary["best_test_acc"] = row["test_acc"] if math.isnan(best) else max(best, row["test_acc"])
+    if "val_estimator_loss" in row:
+        summary["final_val_estimator_loss"] = row["val_estimator_loss"]
+    if "val_acc" in row:
+        summary["final_val_acc"] = row["val_acc"]
+        if row["val_acc"] > summary.get("best_val_acc", -math.inf):
+            summary["best_val_acc"] = row["val_acc"]
+            if "test_acc" in row:
+                summary["test_acc_at_best_val"] = row["test_acc"]
 
 
 def run_phase(phase: Phase, loader: BatchLoader, ctx: RunContext) -> dict:
@@ -166,7 +196,7 @@ def run_phase(phase: Phase, loader: BatchLoader, ctx: RunContext) -> dict:
                     raise TrainingInterrupted(
                         f"[{phase.name}] interrupted at epoch {epoch + 1}, step {step}; checkpoint {path}. "
                         f"Run the same command again to resume.")
-                logits, losses = phase.forward(epoch, x, y)
+                logits, losses = phase.forward(epoch, step, x, y)
                 bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v.detach()))}
                 if _any_rank(bool(bad)):
                     bar.close()
@@ -176,6 +206,7 @@ def run_phase(phase: Phase, loader: BatchLoader, ctx: RunContext) -> dict:
                         f"The step was not applied; the last good checkpoint is {kept}. Lower the learning "
                         f"rate or check the data, then resume.")
                 phase.update(epoch, losses)
+                sampled = phase.diagnostics() if phase.diagnostics is not None else None
                 step += 1
                 n = y.numel()
                 totals["loss"] += float(sum(losses.values()).detach()) * n
@@ -189,6 +220,16 @@ def run_phase(phase: Phase, loader: BatchLoader, ctx: RunContext) -> dict:
                            "img/s": f"{totals['count'] * world / max(elapsed, 1e-9):.0f}"}
                 if logits is not None:
                     postfix["acc"] = f"{100 * totals['correct'] / totals['count']:.1f}"
+                if sampled:
+                    for key, value in sampled.items():
+                        acc = totals["diag"].setdefault(key, [0.0, 0])
+                        if math.isfinite(value):
+                            acc[0], acc[1] = acc[0] + value, acc[1] + 1
+                        latest = totals.setdefault("latest", {})
+                        latest[key] = value
+                for key, label in phase.postfix_keys.items():
+                    if key in totals.get("latest", {}):
+                        postfix[label] = _format_value(totals["latest"][key])
                 bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
                 for callback in ctx.callbacks:
@@ -205,13 +246,19 @@ def run_phase(phase: Phase, loader: BatchLoader, ctx: RunContext) -> dict:
                 row["transfer_loss"] = totals["transfer"] / totals["count"]
             if logits is not None:
                 row["train_acc"] = 100 * totals["correct"] / totals["count"]
+            for key, (total, count) in totals["diag"].items():
+                row[key] = total / count if count else float("nan")
             message = f"[{phase.name}] epoch {epoch + 1}/{phase.epochs} loss {row['train_loss']:.4f}"
+            if phase.epoch_metrics is not None:
+                row.update(phase.epoch_metrics())
             if phase.evaluate is not None:
                 row["test_loss"], row["test_acc"] = phase.evaluate()
-                summary["final_test_acc"] = row["test_acc"]
-                best = summary["best_test_acc"]
-                summary["best_test_acc"] = row["test_acc"] if math.isnan(best) else max(best, row["test_acc"])
                 message += f" | train acc {row.get('train_acc', float('nan')):.2f} test acc {row['test_acc']:.2f}"
+            if "val_acc" in row:
+                message += f" val acc {row['val_acc']:.2f}"
+            if "val_estimator_loss" in row:
+                message += f" | held-out estimator loss {row['val_estimator_loss']:.4f}"
+            _update_summary(summary, row)
             summary["seconds"] += totals["seconds"]
             ctx.log(f"{message} | {row['images_per_s']:.0f} img/s, {totals['seconds']:.1f} s")
             if ctx.main:
@@ -221,6 +268,7 @@ def run_phase(phase: Phase, loader: BatchLoader, ctx: RunContext) -> dict:
             _save(ctx, phase, {"epoch": epoch, "step": 0, "totals": totals, "summary": summary})
     summary.update(model=phase.model_name, epochs=phase.epochs)
     if phase.evaluate is not None and "final_test_acc" not in summary:  # zero epochs: report as it is
-        summary["final_test_acc"] = summary["best_test_acc"] = phase.evaluate()[1]
+        row = {"test_acc": phase.evaluate()[1], **(phase.epoch_metrics() if phase.epoch_metrics else {})}
+        _update_summary(summary, row)
     _save(ctx, phase, {"epoch": epoch, "step": 0, "totals": totals, "summary": summary}, finished=True)
     return summary

@@ -9,11 +9,21 @@ from typing import Dict, List
 
 from tqdm import tqdm
 
-__all__ = ["RunLog", "MetricsCSV", "plot_curves", "plot_comparison", "write_results", "format_table",
-           "METRIC_FIELDS"]
+__all__ = ["RunLog", "MetricsCSV", "plot_curves", "plot_diagnostics", "plot_comparison", "write_results",
+           "format_table", "METRIC_FIELDS", "DIAGNOSTICS"]
 
-METRIC_FIELDS = ["phase", "epoch", "lr", "train_loss", "train_acc", "transfer_loss", "test_loss", "test_acc",
-                 "images_per_s", "seconds"]
+METRIC_FIELDS = ["phase", "epoch", "lr", "train_loss", "train_acc", "transfer_loss", "val_loss", "val_acc",
+                 "test_loss", "test_acc", "val_estimator_loss", "images_per_s", "seconds"]
+# Stage-2 diagnostics (epoch means of the sampled steps) follow these columns; see DIAGNOSTICS.
+DIAGNOSTICS = {
+    "grad_ratio": "‖g_transfer‖ / ‖g_ce‖ over all student tensors, before clipping",
+    "grad_cosine": "cosine between the CE and the transfer gradient over all student tensors",
+    "clipped_share": "share of student tensors whose transfer gradient was clipped",
+    "kl_row_p{m}": "mean KL per graph row of pair m",
+    "sat_student_p{m}": "share of the student's logits of pair m with |tanh S| > 0.995",
+    "sat_teacher_p{m}": "share of the teacher's logits of pair m with |tanh S| > 0.995",
+    "kl_check_p{m}": "squash none only: relative difference of the fused KL to the float64 reference",
+}
 
 
 class RunLog:
@@ -23,16 +33,17 @@ class RunLog:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path, self.echo = path, echo
 
-    def __call__(self, message: str) -> None:
+    def __call__(self, message: str, echo: bool = True) -> None:
         with open(self.path, "a") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-        if self.echo:
+        if self.echo and echo:
             tqdm.write(message)
 
 
 class MetricsCSV:
     """One row per (phase, epoch). On resume, rows at or after the resume point are dropped
-    first, so the file never holds an epoch twice."""
+    first, so the file never holds an epoch twice. Columns: :data:`METRIC_FIELDS`, then any other
+    key a row brings (the diagnostics), in order of first appearance."""
 
     def __init__(self, path: str):
         self.path = path
@@ -48,12 +59,15 @@ class MetricsCSV:
         self._write(kept)
 
     def append(self, row: Dict) -> None:
-        self._write(self.rows() + [{k: row.get(k, "") for k in METRIC_FIELDS}])
+        self._write(self.rows() + [dict(row)])
 
     def _write(self, rows: List[dict]) -> None:
+        fields = list(METRIC_FIELDS)
+        for row in rows:
+            fields += [k for k in row if k not in fields]
         tmp = f"{self.path}.{os.getpid()}.tmp"  # ranks writing at once never share a temp file
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, METRIC_FIELDS)
+            writer = csv.DictWriter(f, fields, restval="")
             writer.writeheader()
             writer.writerows(rows)
         os.replace(tmp, self.path)
@@ -83,15 +97,53 @@ def plot_curves(rows: List[dict], phase: str, path: str) -> None:
         ax_loss.plot(epochs, series("test_loss"), label="test")
     if any(r["transfer_loss"] for r in rows):
         ax_loss.plot(epochs, series("transfer_loss"), label="transfer (MHGD)")
+    if any(r.get("val_estimator_loss") for r in rows):
+        ax_loss.plot(epochs, series("val_estimator_loss"), label="held-out (eval mode)")
     ax_loss.set(xlabel="epoch", ylabel="loss", title=f"{phase}: loss")
     ax_loss.legend()
     if any(r["train_acc"] for r in rows):
         ax_acc.plot(epochs, series("train_acc"), label="train")
+        if any(r.get("val_acc") for r in rows):
+            ax_acc.plot(epochs, series("val_acc"), label="validation")
         ax_acc.plot(epochs, series("test_acc"), label="test")
         ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title=f"{phase}: accuracy")
         ax_acc.legend()
     else:
         ax_acc.axis("off")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_diagnostics(rows: List[dict], phase: str, path: str) -> None:
+    """Stage-2 diagnostics against epoch: KL per row per pair, gradient ratio, gradient cosine and
+    clipped share, logit saturation."""
+    rows = [r for r in rows if r["phase"] == phase and r.get("grad_ratio") not in ("", None)]
+    if not rows:
+        return
+    plt = _pyplot()
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+
+    def series(key):
+        return [float(r[key]) if r.get(key) not in ("", None) else float("nan") for r in rows]
+
+    pairs = sorted({k[len("kl_row_p"):] for k in rows[0] if k.startswith("kl_row_p")}, key=int)
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for m in pairs:
+        axes[0].plot(epochs, series(f"kl_row_p{m}"), label=f"pair {m}")
+    axes[0].set(xlabel="epoch", ylabel="nats", title="mean KL per graph row")
+    axes[1].plot(epochs, series("grad_ratio"))
+    axes[1].set(xlabel="epoch", title="‖g_transfer‖ / ‖g_ce‖ (before clip)", yscale="log")
+    axes[2].plot(epochs, series("grad_cosine"), label="cos(g_ce, g_transfer)")
+    axes[2].plot(epochs, series("clipped_share"), label="clipped share")
+    axes[2].set(xlabel="epoch", title="gradient geometry", ylim=(-1.05, 1.05))
+    for m in pairs:
+        axes[3].plot(epochs, series(f"sat_student_p{m}"), label=f"student, pair {m}")
+        axes[3].plot(epochs, series(f"sat_teacher_p{m}"), "--", label=f"teacher, pair {m}")
+    axes[3].set(xlabel="epoch", title="share |tanh S| > 0.995", ylim=(-0.02, 1.02))
+    for ax in (axes[0], axes[2], axes[3]):
+        ax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)

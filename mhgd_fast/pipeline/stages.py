@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from typing import Callable, Sequence
@@ -15,8 +16,8 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import balanced_backward
-from ..data import BatchLoader, channel_stats, load_cifar, synthetic_dataset
+from .. import balanced_backward, weighted_backward
+from ..data import BatchLoader, ImageSet, channel_stats, load_cifar, synthetic_dataset
 from ..distiller import Distiller, KDDistiller, MHGDDistiller
 from ..distributed import all_gather_columns, all_reduce_grads, init_from_env
 from ..features import unwrap
@@ -24,9 +25,9 @@ from ..models import build_model
 from . import checkpoint
 from .config import PipelineConfig
 from .loop import Phase, RunContext, evaluate, run_phase
-from .records import MetricsCSV, RunLog, format_table, plot_comparison, write_results
+from .records import MetricsCSV, RunLog, format_table, plot_comparison, plot_diagnostics, write_results
 
-__all__ = ["run_pipeline", "load_datasets", "RunDirMismatch"]
+__all__ = ["run_pipeline", "load_datasets", "split_validation", "RunDirMismatch"]
 
 # Config fields that may change between a run and its resumption without changing the result.
 RESUMABLE_CHANGES = {"progress", "threads", "device"}
@@ -36,10 +37,29 @@ class RunDirMismatch(ValueError):
     """The run folder holds a run with a different configuration."""
 
 
+def split_validation(train: ImageSet, fraction: float, seed: int):
+    """(train, validation): ``fraction`` of ``train`` held out, a fixed function of ``seed``."""
+    count = int(round(fraction * len(train)))
+    if count == 0:
+        return train, None
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 7_919 + 17))
+    keep, held = order[count:].sort().values, order[:count].sort().values
+    part = lambda idx: ImageSet(train.images[idx], train.labels[idx], train.num_classes)  # noqa: E731
+    return part(keep), part(held)
+
+
 def load_datasets(cfg: PipelineConfig):
+    """(train, validation or None, test). The validation split is held out of the training set
+    (``cfg.val_split``); the synthetic images and the split follow ``cfg.data_seed`` (default:
+    ``cfg.seed``), so runs that differ only in ``seed`` can share one dataset and one teacher."""
+    data_seed = cfg.effective_data_seed
     if cfg.dataset == "synthetic":
-        return synthetic_dataset(cfg.synthetic_train, seed=cfg.seed), synthetic_dataset(cfg.synthetic_test, seed=cfg.seed + 7919)
-    return load_cifar(cfg.dataset, cfg.data_dir)
+        train, test = (synthetic_dataset(cfg.synthetic_train, seed=data_seed),
+                       synthetic_dataset(cfg.synthetic_test, seed=data_seed + 7919))
+    else:
+        train, test = load_cifar(cfg.dataset, cfg.data_dir)
+    train, val = split_validation(train, cfg.val_split, data_seed)
+    return train, val, test
 
 
 def _sgd(params, cfg: PipelineConfig, lr: float, weight_decay: float):
@@ -87,11 +107,15 @@ def run_pipeline(cfg: PipelineConfig, callbacks: Sequence[Callable] = ()) -> dic
     ctx.log(f"run {cfg.run_dir}: {cfg.dataset}, teacher {cfg.teacher}, student {cfg.student}, "
             f"methods {cfg.methods}, {dist_info.world} process(es) on {device}")
 
-    train_set, test_set = load_datasets(cfg)
+    train_set, val_set, test_set = load_datasets(cfg)
     mean, std = channel_stats(train_set.images)
     train_loader = BatchLoader(train_set, cfg.batch_size, train=True, seed=cfg.seed, mean=mean, std=std,
                                rank=dist_info.rank, world=dist_info.world)
     test_loader = BatchLoader(test_set, cfg.eval_batch_size, train=False, mean=mean, std=std)
+    val_loaders = None
+    if val_set is not None:  # accuracy in eval batches; the stage-1 estimator on training-size graphs
+        val_loaders = (BatchLoader(val_set, cfg.eval_batch_size, train=False, mean=mean, std=std),
+                       BatchLoader(val_set, cfg.batch_size, train=False, mean=mean, std=std))
     classes = train_set.num_classes
 
     def to_device(x, y):
@@ -104,7 +128,7 @@ def run_pipeline(cfg: PipelineConfig, callbacks: Sequence[Callable] = ()) -> dic
         """Teacher, student alone and KD: backward of the summed losses (DDP averages gradients)."""
         optimizer = _sgd(model.parameters(), cfg, cfg.lr, cfg.weight_decay)
 
-        def forward(epoch, x, y):
+        def forward(epoch, step, x, y):
             return distiller(*to_device(x, y))
 
         def update(epoch, losses):
@@ -113,7 +137,17 @@ def run_pipeline(cfg: PipelineConfig, callbacks: Sequence[Callable] = ()) -> dic
             optimizer.step()
 
         return Phase(name, model_name, epochs, {"model": model}, optimizer, _multistep(optimizer, cfg, epochs),
-                     forward, update, lambda: distiller.train(), lambda: evaluate(model, test_loader))
+                     forward, update, lambda: distiller.train(), lambda: evaluate(model, test_loader),
+                     epoch_metrics=validation(model))
+
+    def validation(model):
+        if val_loaders is None:
+            return None
+
+        def metrics():
+            loss, acc = evaluate(model, val_loaders[0])
+            return {"val_loss": loss, "val_acc": acc}
+        return metrics
 
     results = {}
     torch.manual_seed(cfg.seed)
@@ -140,11 +174,17 @@ def run_pipeline(cfg: PipelineConfig, callbacks: Sequence[Callable] = ()) -> dic
                                      KDDistiller(wrap(student), teacher, cfg.kd_temperature, cfg.kd_ce_weight,
                                                  cfg.kd_weight), cfg.student_epochs)
         else:
-            phase = _mhgd_stages(cfg, student, teacher, wrap, to_device, train_loader, test_loader, ctx)
+            phase = _mhgd_stages(cfg, student, teacher, wrap, to_device, train_loader, test_loader, val_loaders, ctx)
+            phase.epoch_metrics = validation(student)
         results[method] = run_phase(phase, train_loader, ctx)
+        if method == "mhgd":
+            results[method] = {**results[method], "stage1": phase.stage1_summary,
+                               **_diagnostics_summary(ctx.metrics.rows(), phase.name)}
 
     wall = time.perf_counter() - wall
     table = format_table(results)
+    if main and "mhgd" in cfg.methods:
+        plot_diagnostics(ctx.metrics.rows(), "mhgd-stage2", os.path.join(cfg.run_dir, "plots", "mhgd-stage2-diagnostics.png"))
     if main:
         plot_comparison({k: v["final_test_acc"] for k, v in results.items()},
                         os.path.join(cfg.run_dir, "plots", "comparison.png"),
@@ -152,8 +192,23 @@ def run_pipeline(cfg: PipelineConfig, callbacks: Sequence[Callable] = ()) -> dic
         write_results(os.path.join(cfg.run_dir, "results.json"),
                       {"config": cfg.to_dict(), "results": results, "table": table, "wall_seconds": wall,
                        "processes": dist_info.world, "device": str(device), "torch": torch.__version__})
-    ctx.log(f"results ({wall:.1f} s this call):\n{table}")
+    ctx.log(f"results ({wall:.1f} s this call):\n{table}", echo=False)  # callers print it (the demo does)
     return {"results": results, "table": table, "wall_seconds": wall}
+
+
+def _diagnostics_summary(rows, phase: str) -> dict:
+    """Stage-2 diagnostics of ``metrics.csv`` as means over all epochs and over the last one."""
+    rows = [r for r in rows if r["phase"] == phase]
+    keys = [k for k in (rows[0] if rows else {}) if k.startswith(("grad_", "clipped_", "kl_", "sat_"))]
+
+    def value(row, key):
+        return float(row[key]) if row.get(key) not in ("", None) else float("nan")
+
+    mean = {}
+    for key in keys:
+        values = [value(r, key) for r in rows if math.isfinite(value(r, key))]
+        mean[key] = sum(values) / len(values) if values else float("nan")
+    return {"diagnostics": mean, "diagnostics_last_epoch": {k: value(rows[-1], k) for k in keys}} if keys else {}
 
 
 class _EstimatorObjective(nn.Module):
@@ -169,18 +224,19 @@ class _EstimatorObjective(nn.Module):
         return self.mhgd.estimator_loss(self.teacher_features(images), weight_decay=self.weight_decay)
 
 
-def _mhgd_stages(cfg, student, teacher, wrap, to_device, train_loader, test_loader, ctx) -> Phase:
+def _mhgd_stages(cfg, student, teacher, wrap, to_device, train_loader, test_loader, val_loaders, ctx) -> Phase:
     """Run stage 1 (§5) to the end; return the stage-2 phase (§6) for the caller to run."""
     student_ddp = wrap(student)
     distiller = MHGDDistiller(student_ddp, teacher, unwrap(student).sensing_points, teacher.sensing_points,
                               heads=cfg.heads, student_vectors=cfg.student_vectors, backend=cfg.backend,
+                              squash=None if cfg.squash == "none" else cfg.squash, scale=cfg.scale,
                               gather=all_gather_columns if cfg.global_graph else None)
     mhgd = distiller.mhgd.to(next(student.parameters()).device)
     objective = wrap(_EstimatorObjective(distiller, cfg.weight_decay))
     # the stage-1 loss carries its own 5e-4·Σw² (§5), so the optimiser adds no decay
     opt1 = _sgd(mhgd.parameters(), cfg, cfg.stage1_lr, 0.0)
 
-    def forward1(epoch, x, y):
+    def forward1(epoch, step, x, y):
         return None, {"estimator": objective(to_device(x, y)[0])}
 
     def update1(epoch, losses):
@@ -188,37 +244,75 @@ def _mhgd_stages(cfg, student, teacher, wrap, to_device, train_loader, test_load
         losses["estimator"].backward()
         opt1.step()
 
-    run_phase(Phase("mhgd-stage1", "graph network", cfg.stage1_epochs, {"mhgd": mhgd}, opt1, None,
-                    forward1, update1, lambda: mhgd.train()), train_loader, ctx)
+    def heldout_estimator_loss():
+        """The stage-1 loss without weight decay on the validation split, in eval mode (running
+        BN statistics, no drop-head): how well the graphs generalise beyond the batches seen."""
+        was_training = mhgd.training
+        mhgd.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for x, _ in val_loaders[1].batches():
+                x = x.to(next(mhgd.parameters()).device)
+                total += float(mhgd.estimator_loss(distiller.teacher_features(x), weight_decay=0.0)) * len(x)
+                count += len(x)
+                distiller.teacher_capture.clear()
+        mhgd.train(was_training)
+        return {"val_estimator_loss": total / count}
+
+    stage1 = Phase("mhgd-stage1", "graph network", cfg.stage1_epochs, {"mhgd": mhgd}, opt1, None,
+                   forward1, update1, lambda: mhgd.train(),
+                   epoch_metrics=heldout_estimator_loss if val_loaders is not None else None)
+    stage1_summary = run_phase(stage1, train_loader, ctx)
     mhgd.eval().requires_grad_(False)
 
     opt2 = _sgd(student.parameters(), cfg, cfg.lr, cfg.weight_decay)
     params = list(student.parameters())
     distributed = isinstance(student_ddp, DistributedDataParallel)
+    sample = {"stats": None, "grads": None}  # diagnostics of the current step, when it is sampled
 
     def reduce_grads(kind, grads):
         # CE is a per-process mean: average; the transfer loss is a sum over processes' rows: sum
         return all_reduce_grads(grads, params, average=(kind == "ce"))
 
-    def forward2(epoch, x, y):
+    def forward2(epoch, step, x, y):
+        sampled = cfg.diag_every > 0 and step % cfg.diag_every == 0
+        sample["stats"] = {} if sampled else None
         # gradients are computed by hand (two backward passes), so DDP must not sync on its own
-        sync_off = student_ddp.no_sync() if distributed and cfg.balance else contextlib.nullcontext()
+        separate = cfg.balance or sampled
+        sync_off = student_ddp.no_sync() if distributed and separate else contextlib.nullcontext()
         with sync_off:
-            return distiller(*to_device(x, y))
+            return distiller(*to_device(x, y), stats=sample["stats"])
 
     def update2(epoch, losses):
         opt2.zero_grad(set_to_none=True)
+        transfer = losses["transfer"] * cfg.transfer_weight if cfg.transfer_weight != 1 else losses["transfer"]
+        reduce = reduce_grads if distributed else None
         if cfg.balance:
-            balanced_backward(losses["ce"], losses["transfer"], params, epoch=cfg.stage1_epochs + epoch,
-                              init_epoch=cfg.stage1_epochs, reduce_grads=reduce_grads if distributed else None)
+            grads = balanced_backward(losses["ce"], transfer, params, epoch=cfg.stage1_epochs + epoch,
+                                      init_epoch=cfg.stage1_epochs, reduce_grads=reduce, cap=cfg.transfer_cap)
+        elif sample["stats"] is not None:
+            grads = weighted_backward(losses["ce"], transfer, params, reduce_grads=reduce)
         else:
-            (losses["ce"] + losses["transfer"]).backward()
+            (losses["ce"] + transfer).backward()
+            grads = None
+        sample["grads"] = grads
         opt2.step()
+
+    def diagnostics():
+        if sample["stats"] is None or sample["grads"] is None:
+            return None
+        grads = sample["grads"]
+        return {"grad_ratio": grads["ratio"], "grad_cosine": grads["cosine"],
+                "clipped_share": grads["clipped_share"], **sample["stats"]}
 
     def train_mode():
         distiller.train()
         mhgd.eval()
 
-    return Phase("mhgd-stage2", cfg.student, cfg.student_epochs, {"model": student}, opt2,
-                 _multistep(opt2, cfg, cfg.student_epochs), forward2, update2, train_mode,
-                 lambda: evaluate(student, test_loader))
+    phase = Phase("mhgd-stage2", cfg.student, cfg.student_epochs, {"model": student}, opt2,
+                  _multistep(opt2, cfg, cfg.student_epochs), forward2, update2, train_mode,
+                  lambda: evaluate(student, test_loader), diagnostics=diagnostics,
+                  postfix_keys={"grad_ratio": "g_tr/g_ce", "grad_cosine": "cos", "clipped_share": "clip",
+                                "sat_student_p0": "sat"})
+    phase.stage1_summary = stage1_summary
+    return phase
