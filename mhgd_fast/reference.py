@@ -47,19 +47,25 @@ def _gram_eigensystem(x: torch.Tensor, eps: float):
     eigenbasis is complete. Otherwise XXᵀ ([HW, HW]) is decomposed, ``v = Xᵀu/σ``, and the
     missing C − HW directions (plus any with σ ≤ eps·σ_max, returned as zero columns) span the
     null space of XᵀX, whose eigenvalue is 0.
+
+    The Gram and its eigensystem are formed in float64 (results in ``x``'s dtype), as the compiled
+    kernels do: a float32 Gram's rounding puts the singular values of a rank-deficient map at
+    ≈ √(n·ε)·σ_max, above the ``eps = √ε`` of float32, so its zero tail would not be zero.
     """
     hw, c = x.shape[-2], x.shape[-1]
+    x64 = x.double()
     if hw >= c:
-        lam, vecs = torch.linalg.eigh(x.transpose(-1, -2) @ x)
-        return lam.flip(-1), vecs.flip(-1), True
-    lam, u = torch.linalg.eigh(x @ x.transpose(-1, -2))
-    lam, u = lam.flip(-1), u.flip(-1)
+        lam, vecs = torch.linalg.eigh(x64.transpose(-1, -2) @ x64)
+        return lam.flip(-1).to(x.dtype), vecs.flip(-1).to(x.dtype), True
+    lam, u = torch.linalg.eigh(x64 @ x64.transpose(-1, -2))
+    dtype = x.dtype
+    lam, u, x = lam.flip(-1), u.flip(-1), x64
     sigma = lam.clamp_min(0).sqrt()
     in_range = sigma > eps * sigma[:, :1]
     vecs = (x.transpose(-1, -2) @ u) / torch.where(in_range, sigma, 1.0).unsqueeze(-2)
     vecs = vecs * in_range.unsqueeze(-2)
     lam = lam * in_range
-    return lam, vecs, False
+    return lam.to(dtype), vecs.to(dtype), False
 
 
 class _TopkSingularVectors(torch.autograd.Function):

@@ -182,15 +182,21 @@ def test_demo_command_prints_the_table_and_writes_outputs(tmp_path, capsys, monk
     assert args.handler(args) == 0
     out = capsys.readouterr().out
     for name in ("teacher", "student", "kd", "mhgd"):
-        assert f"| {name} |" in out
+        assert out.count(f"| {name} |") == 1  # the table is printed once
     assert "wall time" in out
     assert os.path.exists(tmp_path / "demo" / "plots" / "comparison.png")
     assert json.load(open(tmp_path / "demo" / "results.json"))["config"]["dataset"] == "synthetic"
 
 
-def test_the_real_demo_config_is_synthetic_and_small():
+def test_the_real_demo_config_is_synthetic_small_and_the_authors_recipe():
     from mhgd_fast.pipeline import demo_config
     cfg = demo_config()
     cfg.validate()
+    authors = PipelineConfig()
     assert cfg.dataset == "synthetic" and cfg.methods == ["student", "kd", "mhgd"]
     assert not math.isnan(cfg.lr)
+    # the rule of its docstring: the authors' recipe, stage 1 : stage 2 = 40 : 100, a validation split
+    for name in ("heads", "student_vectors", "squash", "scale", "transfer_cap", "transfer_weight", "balance",
+                 "lr", "stage1_lr", "momentum", "weight_decay", "milestones"):
+        assert getattr(cfg, name) == getattr(authors, name), name
+    assert cfg.stage1_epochs * 100 == cfg.student_epochs * 40 and cfg.val_split == 0.1

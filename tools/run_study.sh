@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
-# The MHGD study protocol (fixed before any result was seen): the authors' recipe, then
-# one-at-a-time ablations, 5 seeds each, on one built-in setting. Every configuration is one
-# `mhgd-fast study` call; they share the teacher and the baselines through the study folder.
-# Usage: tools/run_study.sh demo|wide [extra flags for every call, e.g. --threads 1]
-# Rerunning resumes; reports land in runs/study-<setting>/ (summary.md compares the configurations).
+# The MHGD study protocol, fixed before any result was seen: the authors' recipe, then
+# one-at-a-time ablations, 5 seeds each, on one built-in setting. Each configuration is one
+# `mhgd-fast study` call; they share the teacher and the baselines through the study folder, and
+# rerunning resumes. Reports: runs/study-<setting>/<name>/study.md, runs/study-<setting>/summary.md.
+#
+# Usage: tools/run_study.sh demo|wide [flags for every call, e.g. --threads 1]
+#        VARIANTS="cap0.3 heads1" tools/run_study.sh demo   # a subset (in that order)
+# MHGD_FAST names the command (default: mhgd-fast).
 set -euo pipefail
 setting=${1:?usage: tools/run_study.sh demo|wide [flags]}
 shift
-MHGD_FAST=${MHGD_FAST:-mhgd-fast}
-run() { name=$1; shift; $MHGD_FAST study --setting "$setting" --study-dir "runs/study-$setting" --name "$name" --no-progress "$@"; }
-common=("$@")
-run recipe "${common[@]}"
-run cap0.3 --transfer-cap 0.3 "${common[@]}"
-run cap0.1 --transfer-cap 0.1 "${common[@]}"
-run scale-rsqrt-d --scale rsqrt-d "${common[@]}"
-run squash-none --squash none "${common[@]}"
-if [ "$setting" = demo ]; then  # the stage-1 and head ablations: demo setting only (time budget)
-  run stage1-x2.5 --stage1-epochs 10 "${common[@]}"
-  run heads1 --heads 1 "${common[@]}"
-fi
+declare -A FLAGS=(
+  [recipe]=""                               # the authors': cap 1, scale 1, tanh, 8 heads, 40 : 100
+  [cap0.3]="--transfer-cap 0.3"
+  [cap0.1]="--transfer-cap 0.1"
+  [scale-rsqrt-d]="--scale rsqrt-d"
+  [squash-none]="--squash none"
+  [stage1-x2.5]="--stage1-epochs STAGE1_LONG"  # stage 1 as long as stage 2 (100 : 100)
+  [heads1]="--heads 1"
+)
+ORDER="recipe cap0.3 cap0.1 scale-rsqrt-d squash-none stage1-x2.5 heads1"
+case "$setting" in
+  demo) stage1_long=10 ;;
+  wide) stage1_long=20 ;;
+  *) echo "unknown setting $setting (demo or wide)" >&2; exit 2 ;;
+esac
+for name in ${VARIANTS:-$ORDER}; do
+  [[ -v "FLAGS[$name]" ]] || { echo "unknown variant $name (known: $ORDER)" >&2; exit 2; }
+  # shellcheck disable=SC2086  # the flags are words
+  ${MHGD_FAST:-mhgd-fast} study --setting "$setting" --study-dir "runs/study-$setting" --name "$name" \
+    --no-progress ${FLAGS[$name]//STAGE1_LONG/$stage1_long} "$@"
+done

@@ -178,7 +178,8 @@ def run_pipeline(cfg: PipelineConfig, callbacks: Sequence[Callable] = ()) -> dic
             phase.epoch_metrics = validation(student)
         results[method] = run_phase(phase, train_loader, ctx)
         if method == "mhgd":
-            results[method] = {**results[method], "stage1": phase.stage1_summary,
+            stage1 = {k: v for k, v in phase.stage1_summary.items() if not (isinstance(v, float) and math.isnan(v))}
+            results[method] = {**results[method], "stage1": stage1,
                                **_diagnostics_summary(ctx.metrics.rows(), phase.name)}
 
     wall = time.perf_counter() - wall
@@ -204,11 +205,14 @@ def _diagnostics_summary(rows, phase: str) -> dict:
     def value(row, key):
         return float(row[key]) if row.get(key) not in ("", None) else float("nan")
 
-    mean = {}
-    for key in keys:
+    mean, last = {}, {}
+    for key in keys:  # keys with no finite value are left out (NaN would break equality and JSON)
         values = [value(r, key) for r in rows if math.isfinite(value(r, key))]
-        mean[key] = sum(values) / len(values) if values else float("nan")
-    return {"diagnostics": mean, "diagnostics_last_epoch": {k: value(rows[-1], k) for k in keys}} if keys else {}
+        if values:
+            mean[key] = sum(values) / len(values)
+        if math.isfinite(value(rows[-1], key)):
+            last[key] = value(rows[-1], key)
+    return {"diagnostics": mean, "diagnostics_last_epoch": last} if keys else {}
 
 
 class _EstimatorObjective(nn.Module):
