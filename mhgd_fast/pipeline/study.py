@@ -276,7 +276,8 @@ def _plot_differences(ax, diffs: Dict[str, dict]) -> None:
 
 def write_summary(study_dir: str) -> Optional[str]:
     """``summary.md``/``.json``/``.png`` over every study in ``study_dir``: MHGD (and KD) against the
-    student alone, one row per study, sorted by name."""
+    student alone, one row per study, sorted by name; the diagnostics are means over epochs and
+    seeds (saturation per pair, ``p0/p1/…``)."""
     studies = []
     for entry in sorted(os.listdir(study_dir)):
         path = os.path.join(study_dir, entry, "study.json")
@@ -285,20 +286,24 @@ def write_summary(study_dir: str) -> Optional[str]:
                 studies.append(json.load(f))
     if not studies:
         return None
-    lines = ["| study | seeds | MHGD last-epoch test | Δ MHGD vs student | Δ MHGD at best val "
-             "| Δ KD vs student | ‖g_tr‖/‖g_ce‖ | cos(g_ce, g_tr) | clipped share | stage-1 held-out loss |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| study | seeds | MHGD last-epoch test | Δ MHGD vs student | Δ MHGD at best val | Δ MHGD val acc "
+             "| Δ KD vs student | ‖g_tr‖/‖g_ce‖ | cos(g_ce, g_tr) | clipped share | saturated, student (per pair) "
+             "| saturated, teacher | stage-1 held-out loss |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     diffs = {}
     for s in studies:
         vs, diag = s["vs_student"], s["diagnostics"]
         mhgd = s["methods"].get("mhgd", {}).get("final_test_acc")
         cell = lambda d, k: _interval(d[k]) if d and k in d else "—"  # noqa: E731
         stat = lambda k, fmt: (fmt.format(diag[k]["mean"]) if k in diag else "—")  # noqa: E731
+        sat = lambda side: "/".join(f"{diag[k]['mean']:.2f}" for k in sorted(diag)  # noqa: E731
+                                    if k.startswith(f"sat_{side}_p")) or "—"
         lines.append(f"| {s['name']} | {len(s['seeds'])} | {_pm(mhgd) if mhgd else '—'} "
                      f"| {cell(vs.get('mhgd'), 'final_test_acc')} | {cell(vs.get('mhgd'), 'test_acc_at_best_val')} "
+                     f"| {cell(vs.get('mhgd'), 'final_val_acc')} "
                      f"| {cell(vs.get('kd'), 'final_test_acc')} | {stat('grad_ratio', '{:.3g}')} "
                      f"| {stat('grad_cosine', '{:+.3f}')} | {stat('clipped_share', '{:.2f}')} "
-                     f"| {stat('stage1_val_estimator_loss', '{:.4f}')} |")
+                     f"| {sat('student')} | {sat('teacher')} | {stat('stage1_val_estimator_loss', '{:.4f}')} |")
         if "mhgd" in vs:
             diffs[s["name"]] = vs["mhgd"]["final_test_acc"]
     table = "\n".join(lines)
