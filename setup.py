@@ -147,7 +147,7 @@ setup(
     version=_version(),
     description="Fast multi-head attention graph knowledge distillation (MHGD) for PyTorch",
     python_requires=">=3.9",
-    install_requires=["torch", "tqdm", "numpy", "matplotlib"],
+    install_requires=["torch", "tqdm", "numpy", "matplotlib", "scipy"],
     packages=find_packages(include=["mhgd_fast", "mhgd_fast.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildWithMeta.with_options(use_ninja=True)},
