@@ -116,7 +116,42 @@ def topk_singular_vectors(fm: torch.Tensor, k: int, *, eps: Optional[float] = No
     eps = reference.default_eps(fm.dtype) if eps is None else float(eps)
     # Without a gradient to come, the op keeps no state (and may take power iteration for k = 1).
     save_state = torch.is_grad_enabled() and fm.requires_grad
-    return torch.ops.mhgd_fast.topk_singular_vectors(fm, k, eps, save_state)[0]
+    try:
+        out = torch.ops.mhgd_fast.topk_singular_vectors(fm, k, eps, save_state)[0]
+    except ValueError:
+        if torch.compiler.is_compiling() or not bool(torch.isfinite(fm).all()):
+            raise
+        out = None  # finite, but its Gram overflowed the compute dtype
+    if out is None or (fm.shape[0] and _may_have_underflowed(fm, out)):
+        out = torch.ops.mhgd_fast.topk_singular_vectors(fm * _power_of_two_scales(fm), k, eps, save_state)[0]
+    return out
+
+
+# Feature maps whose largest |value| lies outside [2^-40, 2^40] are rescaled before the Gram.
+_SAFE_EXPONENT = 40
+
+
+def _power_of_two_scales(fm: torch.Tensor) -> torch.Tensor:
+    """Per-sample 2^-e (1 for samples already in range) with max|fm_b|·2^-e in [0.5, 1): exact in
+    floating point, and the singular vectors do not change under scaling (their gradient takes the
+    same factor, through the product)."""
+    with torch.no_grad():
+        peak = fm.detach().reshape(fm.shape[0], -1).abs().amax(1).float()
+        exponent = torch.frexp(peak.double()).exponent
+        out_of_range = (peak > 0) & (exponent.abs() > _SAFE_EXPONENT)
+        scale = torch.where(out_of_range, torch.ldexp(torch.ones_like(peak, dtype=torch.float64), -exponent), 1.0)
+    return scale.to(fm.dtype).view(-1, *([1] * (fm.dim() - 1)))
+
+
+def _may_have_underflowed(fm: torch.Tensor, out: torch.Tensor) -> bool:
+    """A sample whose leading vector is zero although its map is not: its Gram underflowed
+    (|values| ≲ 1e-19 in float32). Checks only the samples the kernel found empty."""
+    if torch.compiler.is_compiling():
+        return False
+    empty = (out[:, 0] == 0).all(-1)
+    if not bool(empty.any()):
+        return False
+    return bool((fm.detach()[empty] != 0).any())
 
 
 def align_singular_vectors(v_s: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:

@@ -48,24 +48,22 @@ def _gram_eigensystem(x: torch.Tensor, eps: float):
     missing C − HW directions (plus any with σ ≤ eps·σ_max, returned as zero columns) span the
     null space of XᵀX, whose eigenvalue is 0.
 
-    The Gram and its eigensystem are formed in float64 (results in ``x``'s dtype), as the compiled
-    kernels do: a float32 Gram's rounding puts the singular values of a rank-deficient map at
+    ``x`` is float64 (see :func:`topk_singular_vectors`), as the compiled kernels' eigensolvers
+    are: a float32 Gram's rounding would put the singular values of a rank-deficient map at
     ≈ √(n·ε)·σ_max, above the ``eps = √ε`` of float32, so its zero tail would not be zero.
     """
     hw, c = x.shape[-2], x.shape[-1]
-    x64 = x.double()
     if hw >= c:
-        lam, vecs = torch.linalg.eigh(x64.transpose(-1, -2) @ x64)
-        return lam.flip(-1).to(x.dtype), vecs.flip(-1).to(x.dtype), True
-    lam, u = torch.linalg.eigh(x64 @ x64.transpose(-1, -2))
-    dtype = x.dtype
-    lam, u, x = lam.flip(-1), u.flip(-1), x64
+        lam, vecs = torch.linalg.eigh(x.transpose(-1, -2) @ x)
+        return lam.flip(-1), vecs.flip(-1), True
+    lam, u = torch.linalg.eigh(x @ x.transpose(-1, -2))
+    lam, u = lam.flip(-1), u.flip(-1)
     sigma = lam.clamp_min(0).sqrt()
     in_range = sigma > eps * sigma[:, :1]
     vecs = (x.transpose(-1, -2) @ u) / torch.where(in_range, sigma, 1.0).unsqueeze(-2)
     vecs = vecs * in_range.unsqueeze(-2)
     lam = lam * in_range
-    return lam.to(dtype), vecs.to(dtype), False
+    return lam, vecs, False
 
 
 class _TopkSingularVectors(torch.autograd.Function):
@@ -114,13 +112,17 @@ class _TopkSingularVectors(torch.autograd.Function):
 
 def topk_singular_vectors(fm: torch.Tensor, k: int, eps: Optional[float] = None) -> torch.Tensor:
     """``[B, C, *spatial] -> [B, k, C]``: per sample, the top-k right singular vectors of
-    ``X_b = fm_b.reshape(C, -1).T`` in descending singular value, unit norm, canonical sign."""
-    acc = compute_dtype(fm.dtype)
+    ``X_b = fm_b.reshape(C, -1).T`` in descending singular value, unit norm, canonical sign.
+
+    Computed in float64 whatever the input dtype (the result is rounded to it): the eigenvalues
+    σ² of a float32 map of |values| ≈ 1e30 (or 1e-30) would overflow (underflow) float32, and the
+    singular vectors do not depend on the map's scale.
+    """
     eps = default_eps(fm.dtype) if eps is None else eps
     batch, c = fm.shape[0], fm.shape[1]
     if batch == 0:
         return fm.new_zeros(0, k, c)
-    x = fm.reshape(batch, c, -1).transpose(-1, -2).to(acc)
+    x = fm.reshape(batch, c, -1).transpose(-1, -2).to(torch.float64)
     return _TopkSingularVectors.apply(x, k, eps).to(fm.dtype)
 
 
