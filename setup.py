@@ -1,7 +1,9 @@
 """Build of mhgd_fast: a torch C++ extension (CPU kernels always, CUDA kernels when usable).
 
 CUDA sources compile when a GPU is visible or FORCE_CUDA=1, never with a CPU build of torch;
-FORCE_ONLY_CPU=1 skips them. Build against the installed torch: ``pip install --no-build-isolation .``
+FORCE_ONLY_CPU=1 skips them. MHGD_SANITIZE=1 builds the CPU kernels only, instrumented with
+AddressSanitizer + UndefinedBehaviorSanitizer (load it with the runtimes preloaded: see
+tests/test_sanitizers.py). Build against the installed torch: ``pip install --no-build-isolation .``
 """
 import datetime
 import glob
@@ -61,8 +63,11 @@ except ImportError:
              "    pip install --no-build-isolation .")
 
 
+SANITIZE = os.environ.get("MHGD_SANITIZE") == "1"
+
+
 def want_cuda():
-    if os.environ.get("FORCE_ONLY_CPU") == "1":
+    if os.environ.get("FORCE_ONLY_CPU") == "1" or SANITIZE:
         return False
     forced = os.environ.get("FORCE_CUDA") == "1"
     if torch.version.cuda is None:
@@ -91,6 +96,12 @@ def want_cuda():
 
 WITH_CUDA = want_cuda()
 CXX_FLAGS = ["-O3", "-fopenmp"]
+LINK_FLAGS = ["-fopenmp"]
+if SANITIZE:
+    # Every finding is fatal (no recovery), frames stay readable, -O1 keeps it fast enough.
+    _sanitizers = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+    CXX_FLAGS = ["-O1", "-g", "-fopenmp"] + _sanitizers
+    LINK_FLAGS = LINK_FLAGS + _sanitizers
 NVCC_FLAGS = ["-O3", "-lineinfo", "-Xptxas=-warn-spills", "--Werror=all-warnings"]
 
 
@@ -98,7 +109,7 @@ def extension():
     sources = ["csrc/mhgd_fast.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # csrc/cuda on the include path: kernel headers include <device_common.cuh> by name, so that the
     # simulator tests can shadow it (tests/simt).
-    kwargs = dict(name="mhgd_fast._C", extra_link_args=["-fopenmp"],
+    kwargs = dict(name="mhgd_fast._C", extra_link_args=LINK_FLAGS,
                   include_dirs=[os.path.join(ROOT, "csrc", "cuda")])
     if WITH_CUDA:
         return CUDAExtension(sources=sources + sorted(glob.glob("csrc/cuda/*.cu")),
@@ -129,6 +140,7 @@ class BuildWithMeta(BuildExtension):
             "cuda_home": _cuda_home if WITH_CUDA else None,
             "nvcc": _first_line([os.path.join(_cuda_home, "bin", "nvcc"), "--version"]) if WITH_CUDA else None,
             "cxx_flags": CXX_FLAGS,
+            "sanitize": SANITIZE,
             "nvcc_flags": NVCC_FLAGS if WITH_CUDA else None,
             "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }

@@ -16,6 +16,12 @@ SIMT_DIR = ROOT / "tests" / "simt"
 KERNEL_DIR = ROOT / "csrc" / "cuda"
 CXX = shutil.which(os.environ.get("CXX", "g++"))
 CXX_FLAGS = ["-std=c++20", "-O1", "-pthread", "-Wall", "-Wextra", "-Werror"]
+# MHGD_SIMT_SANITIZE=thread builds the drivers with ThreadSanitizer (tests/test_sanitizers.py):
+# a data race between simulated threads, i.e. a missing barrier in a kernel, then fails the run
+# even where the adversarial jitter does not change the result.
+SANITIZE = os.environ.get("MHGD_SIMT_SANITIZE")
+if SANITIZE:
+    CXX_FLAGS += [f"-fsanitize={SANITIZE}", "-g"]
 # Each thread sleeps up to this many µs before every barrier: adversarial scheduling that makes
 # a missing barrier give wrong results instead of passing by luck.
 JITTER_US = "30"
@@ -69,5 +75,5 @@ def build(driver: str, mutations=None) -> Path:
 
 
 def run(binary: Path, *args, jitter_us: str = JITTER_US, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, SIMT_JITTER_US=jitter_us)
+    env = dict(os.environ, SIMT_JITTER_US=jitter_us, TSAN_OPTIONS="halt_on_error=1 exitcode=66")
     return subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
