@@ -41,6 +41,19 @@ study: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" tools/run_study.sh demo --threads $(THREADS)
 	PATH="$(CURDIR)/$(BIN):$$PATH" tools/run_study.sh wide --threads $(THREADS)
 
+# GPU check (tools/gpu_check.py): on a machine with a GPU and a torch that sees it, builds the CUDA
+# extension in place, runs the CUDA tests, compute-sanitizer and the GPU benchmarks in under 8
+# minutes; report in $(GPU_CHECK_OUT). Uses the venv when there is one, else the system python3 (a
+# bare GPU machine has torch but no network): no install step. gpu-check-smoke: the same on the CPU.
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+GPU_CHECK_OUT ?= $(or $(OUT),gpu-check-out)
+.PHONY: gpu-check gpu-check-smoke
+gpu-check:
+	$(GPU_CHECK_PYTHON) tools/gpu_check.py --out $(GPU_CHECK_OUT)
+
+gpu-check-smoke:
+	$(GPU_CHECK_PYTHON) tools/gpu_check.py --cpu-smoke --out $(GPU_CHECK_OUT)
+
 # nvcc resource report of the CUDA kernel headers (no GPU needed); fails on warnings or spills.
 .PHONY: cuda-check
 cuda-check: | $(BIN)/python

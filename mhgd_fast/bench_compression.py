@@ -1,12 +1,15 @@
 """Compression cost per feature map: the fast op against torch.linalg.svd and against
 smaller-side Gram + torch.linalg.eigh (the reference backend), fwd and fwd+bwd, in ONE run so the
-ratios share the machine's load; optionally the whole MHGD transfer loss next to ResNet8/ResNet32.
+ratios share the machine's load; optionally the whole MHGD transfer loss next to ResNet8/ResNet32
+(mhgd_fast.models at width 4: stage widths 64/128/256). The functions take a ``device``; the command
+times the CPU, ``tools/gpu_check.py`` the GPU.
 
     mhgd-fast bench --suite compression [--threads 2] [--repeats 7] [--batch 128] [--mhgd]
     python -m mhgd_fast.bench_compression [same flags]
 
-Methods are timed round-robin (one repetition of each in turn) and reported as medians; the
-inputs are post-ReLU Gaussian maps, whose flat bulk spectrum is the hard case for the iteration.
+Methods are timed round-robin (one repetition of each in turn, each followed by a device sync on
+a GPU) and reported as medians; the inputs are post-ReLU Gaussian maps, whose flat bulk spectrum is
+the hard case for the iteration.
 """
 from __future__ import annotations
 
@@ -14,11 +17,14 @@ import argparse
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
 import mhgd_fast as mf
+from mhgd_fast import bench
+from mhgd_fast.features import FeatureCapture
+from mhgd_fast.models import build_model
 
 PAPER_SHAPES = [(64, 32), (128, 16), (256, 8)]  # (C, side): ResNet stage outputs on CIFAR
 
@@ -39,41 +45,55 @@ def compression_methods(backend: str) -> Dict[str, Callable]:
     }
 
 
-def round_robin(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, List[float]]:
-    times = {name: [] for name in fns}
-    for fn in fns.values():
+def round_robin(fns: Dict[str, Callable[[], object]], repeats: int, device: str = "cpu") -> Dict[str, List[float]]:
+    calls = {name: bench.synchronized(fn, device) for name, fn in fns.items()}
+    times = {name: [] for name in calls}
+    for fn in calls.values():
         fn()  # warm-up
     for _ in range(repeats):
-        for name, fn in fns.items():
+        for name, fn in calls.items():
             t0 = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t0) * 1e3)
     return times
 
 
-def compression_table(batch: int, repeats: int, backend: str) -> List[str]:
+def compression_times(batch: int, repeats: int, backend: str, device: str = "cpu",
+                      shapes: Sequence[Tuple[int, int]] = PAPER_SHAPES) -> List[dict]:
+    """Median ms of every method, one row per (map, k, pass): ``{"map", "k", "pass", "ms": {method: ms}}``."""
     methods = compression_methods(backend)
-    fast = f"fast ({backend})"
-    lines = ["| map (C×H×W) | k | pass | " + " | ".join(f"{m} ms" for m in methods)
-             + " | svd / fast | Gram+eigh / fast |",
-             "|---|---|---|" + "---|" * len(methods) + "---|---|"]
-    for c, side in PAPER_SHAPES:
-        fm = torch.relu(torch.randn(batch, c, side, side))
+    rows = []
+    for c, side in shapes:
+        fm = torch.relu(torch.randn(batch, c, side, side)).to(device)
         for k in (1, 4):
             fm_g = fm.clone().requires_grad_()
-            w = torch.randn(batch, k, c)
+            w = torch.randn(batch, k, c).to(device)
             fns = {}
             for name, method in methods.items():
                 fns[("fwd", name)] = (lambda m=method: m(fm, k))
                 fns[("fwd+bwd", name)] = (lambda m=method: torch.autograd.grad((m(fm_g, k) * w).sum(), fm_g))
-            times = {key: statistics.median(v) for key, v in round_robin(fns, repeats).items()}
-            for stage in ("fwd", "fwd+bwd"):
-                row = [times[(stage, m)] for m in methods]
-                t_fast = times[(stage, fast)]
-                lines.append(f"| {c}×{side}×{side} | {k} | {stage} | " + " | ".join(f"{t:.1f}" for t in row)
-                             + f" | {times[(stage, 'torch.linalg.svd')] / t_fast:.1f}× "
-                             + f"| {times[(stage, 'Gram + eigh')] / t_fast:.2f}× |")
+            times = {key: statistics.median(v) for key, v in round_robin(fns, repeats, device).items()}
+            rows += [{"map": f"{c}×{side}×{side}", "k": k, "pass": stage,
+                      "ms": {m: times[(stage, m)] for m in methods}} for stage in ("fwd", "fwd+bwd")]
+    return rows
+
+
+def format_compression(rows: Sequence[dict], backend: str) -> List[str]:
+    """:func:`compression_times` as Markdown table lines, with the fast op's speed-ups."""
+    methods = list(compression_methods(backend))
+    fast = f"fast ({backend})"
+    lines = ["| map (C×H×W) | k | pass | " + " | ".join(f"{m} ms" for m in methods)
+             + " | svd / fast | Gram+eigh / fast |",
+             "|---|---|---|" + "---|" * len(methods) + "---|---|"]
+    for row in rows:
+        ms, t_fast = row["ms"], row["ms"][fast]
+        lines.append(f"| {row['map']} | {row['k']} | {row['pass']} | " + " | ".join(f"{ms[m]:.1f}" for m in methods)
+                     + f" | {ms['torch.linalg.svd'] / t_fast:.1f}× | {ms['Gram + eigh'] / t_fast:.2f}× |")
     return lines
+
+
+def compression_table(batch: int, repeats: int, backend: str, device: str = "cpu") -> List[str]:
+    return format_compression(compression_times(batch, repeats, backend, device), backend)
 
 
 def floor_table(batch: int, repeats: int, backend: str) -> List[str]:
@@ -102,67 +122,32 @@ def floor_table(batch: int, repeats: int, backend: str) -> List[str]:
 
 # ---------------------------------------------------------------------------- MHGD vs ResNets
 
-class BasicBlock(torch.nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.c1 = torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.b1 = torch.nn.BatchNorm2d(cout)
-        self.c2 = torch.nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.b2 = torch.nn.BatchNorm2d(cout)
-        self.short = None
-        if stride != 1 or cin != cout:
-            self.short = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                             torch.nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
-        return torch.relu(y + (x if self.short is None else self.short(x)))
+TEACHER, STUDENT = "resnet32", "resnet8"
 
 
-class CifarResNet(torch.nn.Module):
-    """CIFAR ResNet-(6n+2), stage widths 64/128/256; returns logits and the 3 stage outputs."""
-
-    def __init__(self, depth: int, widths=(64, 128, 256), classes: int = 100):
-        super().__init__()
-        n = (depth - 2) // 6
-        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
-                                        torch.nn.BatchNorm2d(widths[0]), torch.nn.ReLU())
-        stages, cin = [], widths[0]
-        for i, cout in enumerate(widths):
-            blocks = [BasicBlock(cin if j == 0 else cout, cout, 2 if (i > 0 and j == 0) else 1) for j in range(n)]
-            stages.append(torch.nn.Sequential(*blocks))
-            cin = cout
-        self.stages = torch.nn.ModuleList(stages)
-        self.fc = torch.nn.Linear(widths[-1], classes)
-
-    def forward(self, x):
-        feats, h = [], self.stem(x)
-        for stage in self.stages:
-            h = stage(h)
-            feats.append(h)
-        return self.fc(h.mean((2, 3))), feats
-
-
-def mhgd_parts(batch: int) -> Dict[str, Callable[[], object]]:
+def mhgd_parts(batch: int, device: str = "cpu", width: float = 4) -> Dict[str, Callable[[], object]]:
     """One training step's parts at B=batch: teacher ResNet32 fwd, student ResNet8 fwd+bwd, and the
-    whole MHGD transfer loss fwd+bwd (3 maps, teacher k=1, student k=4, 2 pairs, fastest backend)."""
-    teacher, student = CifarResNet(32).eval(), CifarResNet(8)
-    images = torch.rand(batch, 3, 32, 32)
-    labels = torch.randint(0, 100, (batch,))
-    with torch.no_grad():
-        _, t_feats = teacher(images)
-    _, s_feats = student(images)
-    s_feats = [f.detach().requires_grad_() for f in s_feats]
+    whole MHGD transfer loss fwd+bwd (3 maps, teacher k=1, student k=4, 2 pairs, fastest backend).
+    The networks are :func:`mhgd_fast.models.build_model`'s at ``width`` (4: stages 64/128/256)."""
+    teacher = build_model(TEACHER, 100, width).to(device).eval()
+    student = build_model(STUDENT, 100, width).to(device)
+    images = torch.rand(batch, 3, 32, 32).to(device)
+    labels = torch.randint(0, 100, (batch,)).to(device)
+    with torch.no_grad(), FeatureCapture(teacher, teacher.sensing_points) as capture:
+        teacher(images)
+        t_feats = capture.features
+    with torch.no_grad(), FeatureCapture(student, student.sensing_points) as capture:
+        student(images)
+        s_feats = [f.detach().requires_grad_() for f in capture.features]
     # "auto": the fastest backend each op has here (compiled where it exists, else the reference).
-    loss_mod = mf.MHGD([64, 128, 256], backend="auto").eval()
+    loss_mod = mf.MHGD([f.shape[1] for f in t_feats], backend="auto").to(device).eval()
 
     def teacher_fwd():
         with torch.no_grad():
             teacher(images)
 
     def student_fwd_bwd():
-        logits, _ = student(images)
-        torch.nn.functional.cross_entropy(logits, labels).backward()
+        torch.nn.functional.cross_entropy(student(images), labels).backward()
 
     def mhgd():
         torch.autograd.grad(loss_mod(s_feats, t_feats), s_feats)
@@ -171,13 +156,22 @@ def mhgd_parts(batch: int) -> Dict[str, Callable[[], object]]:
             "MHGD loss fwd+bwd (auto)": mhgd}
 
 
-def mhgd_table(batch: int, repeats: int) -> List[str]:
-    times = {name: statistics.median(v) for name, v in round_robin(mhgd_parts(batch), repeats).items()}
+def mhgd_times(batch: int, repeats: int, device: str = "cpu", width: float = 4) -> Dict[str, float]:
+    """Median ms of each of :func:`mhgd_parts`, timed round-robin."""
+    parts = mhgd_parts(batch, device, width)
+    return {name: statistics.median(v) for name, v in round_robin(parts, repeats, device).items()}
+
+
+def format_mhgd(times: Dict[str, float]) -> List[str]:
     nets = times["teacher ResNet32 fwd"] + times["student ResNet8 fwd+bwd"]
     lines = ["| part | ms | % of teacher fwd + student fwd+bwd |", "|---|---|---|"]
     for name, t in times.items():
         lines.append(f"| {name} | {t:.1f} | {100 * t / nets:.1f} % |")
     return lines
+
+
+def mhgd_table(batch: int, repeats: int, device: str = "cpu") -> List[str]:
+    return format_mhgd(mhgd_times(batch, repeats, device))
 
 
 def main(argv=None) -> None:

@@ -1,9 +1,11 @@
 """Graph-KL at growing batch sizes: the fused kernel against the eager reference and against
 ``torch.compile`` of the reference, forward+backward, time and extra peak memory.
 
-Every (implementation, B) is measured in a fresh subprocess: the peak memory is the process's
-peak resident set during the timed calls minus its resident set just before them (Linux
+On the CPU every (implementation, B) is measured in a fresh subprocess: the peak memory is the
+process's peak resident set during the timed calls minus its resident set just before them (Linux
 ``/proc/self/clear_refs`` resets the peak), so compilation, imports and other cases never count.
+On a GPU (``device="cuda"``, as ``tools/gpu_check.py`` runs it) it is the peak of torch's CUDA
+allocator during the timed calls minus what was allocated before them, so one process serves.
 """
 from __future__ import annotations
 
@@ -12,11 +14,12 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import List, Optional, Sequence
 
 import torch
+
+from . import bench
 
 HEADS, DIM = 8, 96
 BATCHES = (128, 1024, 4096)
@@ -45,13 +48,15 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def loss_fn(impl: str):
+def loss_fn(impl: str, device: str = "cpu", compile_backend: str = "inductor"):
+    """The loss of ``impl``: the fused op on ``device``'s compiled backend, the eager reference, or
+    the reference through ``torch.compile(backend=compile_backend)``."""
     import mhgd_fast as mf
 
     if impl == "fused":
-        return lambda *t: mf.ops.graph_kl(*t, backend="cpu")
+        return lambda *t: mf.ops.graph_kl(*t, backend=torch.device(device).type)
     eager = lambda *t: mf.reference.graph_kl(*t, "tanh", 1.0, "student_teacher", "sum")  # noqa: E731
-    return eager if impl == "eager" else torch.compile(eager, fullgraph=True)
+    return eager if impl == "eager" else torch.compile(eager, fullgraph=True, backend=compile_backend)
 
 
 def warmup_calls(batch: int) -> int:
@@ -60,33 +65,34 @@ def warmup_calls(batch: int) -> int:
     return 10 if batch <= 1024 else 1
 
 
-def measure_in_this_process(impl: str, batch: int, repeats: int, threads: int) -> ScalingResult:
-    """Times ``repeats`` fwd+bwd calls after :func:`warmup_calls` untimed ones."""
+def measure_in_this_process(impl: str, batch: int, repeats: int, threads: int, device: str = "cpu",
+                            compile_backend: str = "inductor") -> ScalingResult:
+    """Times ``repeats`` fwd+bwd calls after :func:`warmup_calls` untimed ones, on ``device``."""
     torch.set_num_threads(threads)
+    cuda = torch.device(device).type == "cuda"
     gen = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(HEADS, batch, DIM, generator=gen) / DIM ** 0.25 for _ in range(4)]
+    inputs = [(torch.randn(HEADS, batch, DIM, generator=gen) / DIM ** 0.25).to(device) for _ in range(4)]
     for t in inputs[:2]:
         t.requires_grad_()
-    loss = loss_fn(impl)
+    loss = loss_fn(impl, device, compile_backend)
 
     def step():
         for t in inputs[:2]:
             t.grad = None
         loss(*inputs).backward()
 
-    for _ in range(warmup_calls(batch)):
-        step()
-    with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
-        f.write("5")  # peak RSS := current RSS
-    before = _rss_kib("VmRSS")
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        samples.append((time.perf_counter() - start) * 1e3)
-    extra = (_rss_kib("VmHWM") - before) / 1024
+    bench.time_step(step, device, bench.Repeats(warmup=warmup_calls(batch), repeat=0))
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) / 2 ** 20
+    else:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+            f.write("5")  # peak RSS := current RSS
+        before = _rss_kib("VmRSS") / 1024
+    samples = bench.time_step(step, device, bench.Repeats(warmup=0, repeat=repeats))
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else _rss_kib("VmHWM") / 1024
     return ScalingResult(impl, batch, statistics.median(samples), min(samples), max(samples), repeats,
-                         extra, 4 * 2 * HEADS * batch * batch * DIM / 1e9, torch.get_num_threads())
+                         peak - before, 4 * 2 * HEADS * batch * batch * DIM / 1e9, torch.get_num_threads())
 
 
 def measure(impl: str, batch: int, repeats: int, threads: int) -> ScalingResult:

@@ -45,10 +45,14 @@ def test_bad_arguments_exit_2(argv, capsys):
 
 
 def test_plan_follows_op_kernels(monkeypatch):
-    monkeypatch.setattr(bench, "available_backends", lambda: ["reference", "cpu"])
+    """A compiled backend is timed for an op only where OP_KERNELS lists that op's kernel for it."""
+    monkeypatch.setattr(bench, "available_backends", lambda: ["reference", "cpu", "cuda"])
+    monkeypatch.setitem(bench.OP_KERNELS, "graph_kl", ("cuda",))
+    assert {job.backend for job in bench.plan(["graph_kl"])} == {"reference"}
+    assert {job.backend for job in bench.plan(["graph_kl"], device="cuda")} == {"reference", "cuda"}
     monkeypatch.setitem(bench.OP_KERNELS, "graph_kl", ("cpu",))
-    backends = {job.backend for job in bench.plan(["graph_kl"])}
-    assert backends == {"reference", "cpu"}
+    assert {job.backend for job in bench.plan(["graph_kl"])} == {"reference", "cpu"}
+    assert {job.backend for job in bench.plan(["graph_kl"], device="cuda")} == {"reference"}
 
 
 def test_python_dash_m():

@@ -49,15 +49,30 @@ def test_unavailable_backends_are_named():
     if "cuda" not in mf.available_backends():
         with pytest.raises(mf.BackendUnavailableError, match="'cuda' is not available"):
             mf.ops.attention_graph(R(2, 3, 4), R(2, 3, 4), backend="cuda")
-    if "cpu" in mf.available_backends():
-        for op, args in ((mf.ops.graph_kl, kl_args().values()),
-                         (mf.ops.topk_singular_vectors, (R(2, 3, 4), 1))):
-            if "cpu" not in mf.backends.OP_KERNELS[op.__name__]:
-                with pytest.raises(mf.BackendUnavailableError, match=f"{op.__name__} has no 'cpu' kernel"):
-                    op(*args, backend="cpu")
-    else:
+    if "cpu" not in mf.available_backends():
         with pytest.raises(mf.BackendUnavailableError, match="not compiled"):
             mf.ops.attention_graph(R(2, 3, 4), R(2, 3, 4), backend="cpu")
+
+
+OPS_AND_ARGS = [(mf.ops.graph_kl, lambda dev: [t.to(dev) for t in kl_args().values()]),
+                (mf.ops.attention_graph, lambda dev: (R(2, 3, 4, device=dev), R(2, 5, 4, device=dev))),
+                (mf.ops.topk_singular_vectors, lambda dev: (R(2, 3, 4, device=dev), 1))]
+
+
+@pytest.mark.parametrize("op,make_args", OPS_AND_ARGS, ids=[op.__name__ for op, _ in OPS_AND_ARGS])
+def test_op_without_a_kernel_is_refused_by_name(monkeypatch, op, make_args):
+    """An op whose OP_KERNELS entry lacks a usable backend's device: naming that backend raises an
+    error naming the op, and "auto" runs the reference."""
+    device = next((b for b in mf.available_backends() if b != "reference"), None)
+    if device is None:
+        pytest.skip("no compiled backend is usable here")
+    args = make_args(device)
+    monkeypatch.setitem(mf.backends.OP_KERNELS, op.__name__,
+                        tuple(b for b in mf.backends.DEVICE_BACKENDS if b != device))
+    with pytest.raises(mf.BackendUnavailableError, match=f"{op.__name__} has no '{device}' kernel"):
+        op(*args, backend=device)
+    assert mf.backends.resolve(op.__name__, "auto", torch.device(device)) == "reference"
+    torch.testing.assert_close(op(*args), op(*args, backend="reference"))
 
 
 def test_backend_device_mismatch():

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import mhgd_fast as mf
-from _helpers import backends_for, device_of, rel_err
+from _helpers import compiled_backends_for, device_of, rel_err
 from conftest import REQUIRE_EXTENSION
 from test_singular_vectors import canonical_svd_vectors, controlled_map
 
-FAST = [b for b in backends_for("topk_singular_vectors") if b != "reference"]
+FAST = compiled_backends_for("topk_singular_vectors")
 pytestmark = pytest.mark.skipif(not FAST and not REQUIRE_EXTENSION, reason="extension not built")
 GAP = 1e-3
 
