@@ -3,8 +3,8 @@
 // rank-2k products) run through ATen; each device supplies the per-sample work:
 //
 //   decompose(features, householder, tridiagonal, basis, eigenvalues) -> whether the Gram was finite
-//     the smaller Gram (a batched GEMM, gram_of or the device's own split), its Householder
-//     tridiagonalisation Gram = Q T Qᵀ (reflectors kept for the backward), the top
+//     the smaller Gram (a batched GEMM, gram_of or the device's own split; float64 for kk ≥ 2),
+//     its Householder tridiagonalisation Gram = Q T Qᵀ (reflectors kept for the backward), the top
 //     kk + 1 eigenvalues of T by bisection (exact, repeated values included) and the top kk
 //     eigenvectors by inverse iteration on T, mapped back by Q. O(4/3 n³) per sample instead of
 //     the ~9 n³ of a full eigendecomposition with vectors. With save_state false (no gradient
@@ -47,13 +47,26 @@ inline Features features(const Tensor& fm) {
   return {fm.detach().reshape({batch, c, hw}).to(accumulate_type(fm.scalar_type())), hw >= c};
 }
 
-inline Tensor gram_of(const Features& f) {
-  return f.c_route ? at::bmm(f.rows, f.rows.transpose(1, 2)) : at::bmm(f.rows.transpose(1, 2), f.rows);
+// The Gram's operand (rows or its transpose) for kk wanted pairs. With kk ≥ 2 the Gram is formed
+// in float64 whatever fm's dtype, as the reference forms it: the eigenvalues compared against eps
+// (σ ≤ eps·σ_max) then carry float64's rounding, far below the default eps of every dtype
+// (mhgd_fast.reference.default_eps), not float32's (≈ √ε·σ_max on a rank-deficient map, float32's
+// default eps itself, so a zero tail was zero or not by chance). With kk = 1 the only decision
+// is σ_1 > eps·σ_1, i.e. a nonzero map, whatever the Gram's precision: the Gram keeps the
+// accumulation dtype (the teacher's k = 1 forward is Gram-bound; float64 costs 2-7× on the CPU).
+inline Tensor gram_rows(const Features& f, int64_t kk) { return kk > 1 ? f.rows.to(at::kDouble) : f.rows; }
+
+inline Tensor gram_of(const Features& f, int64_t kk) {
+  const Tensor rows = gram_rows(f, kk);
+  return f.c_route ? at::bmm(rows, rows.transpose(1, 2)) : at::bmm(rows.transpose(1, 2), rows);
 }
 
 inline int64_t kept_pairs(const Features& f, int64_t k) { return std::min(k, f.n()); }
 
-// Eigenvalues below this are rounding noise of the Gram (its dtype's epsilon, n terms).
+// Eigenvalues below null_noise·λ_max are numerically zero: for float64 maps the float64 Gram's
+// rounding (16·n·ε₆₄, mhgd_fast.reference.null_floor, which the default eps keeps a margin
+// above), for float32 and 16-bit maps the same count of float32's ε, the precision of the data.
+// The backward sends a sample with such eigenvalues beyond the top kk to its exact route.
 inline double null_noise(const Features& f) {
   const double unit = f.rows.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
                                                           : std::numeric_limits<float>::epsilon();
@@ -179,7 +192,7 @@ Tensor backward(const Tensor& grad, const Tensor& fm, const Tensor& householder,
                                        null_noise(f) * lam_max, floor2);
     const Tensor idx = exact.nonzero().squeeze(1);
     if (idx.numel() > 0) {
-      const Tensor gram = gram_of({f.rows.index_select(0, idx), f.c_route});
+      const Tensor gram = gram_of({f.rows.index_select(0, idx), f.c_route}, kk);
       y.index_copy_(0, idx, spectral_solve(gram, lam.index_select(0, idx), rhs.index_select(0, idx),
                                            thresh.index_select(0, idx), rv.e.index_select(0, idx),
                                            sigma_floor.defined() ? sigma_floor.index_select(0, idx) : Tensor()));

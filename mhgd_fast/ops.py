@@ -6,7 +6,6 @@ the pure-PyTorch reference. Naming a backend that cannot run raises
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -93,10 +92,14 @@ def topk_singular_vectors(fm: torch.Tensor, k: int, *, eps: Optional[float] = No
     """``[B, C, *spatial] -> [B, k, C]``: top-k right singular vectors of each sample's
     ``X_b = fm_b.reshape(C, -1).T`` (§3), descending, unit norm, component sum ≥ 0.
 
-    Vectors whose singular value is ≤ ``eps·σ_max`` (or σ_max = 0) are zeros with zero gradient;
-    ``eps`` defaults to sqrt(machine epsilon) of the compute dtype. The gradient is the exact
-    eigenvector derivative; couplings with ``|λ_i − λ_j| ≤ eps·λ_max`` are dropped. NaN/Inf in
-    ``fm`` raise ``ValueError``.
+    Vectors whose singular value is ≤ ``eps·σ_max`` (or σ_max = 0) are zeros with zero gradient.
+    The gradient is the exact eigenvector derivative; couplings with ``|λ_i − λ_j| ≤ eps·λ_max``
+    are dropped. ``eps`` defaults to ``max(√ε, 2·√(16·n·ε₆₄))`` (:func:`reference.default_eps
+    <mhgd_fast.reference.default_eps>`), ε the machine epsilon of the compute dtype and
+    n = min(C, HW) the Gram's size: sqrt(ε) for float32 and 16-bit inputs, and for float64 a
+    margin above the rounding noise of the float64 Gram (≈ √(n·ε₆₄)·σ_max), so that the zero tail
+    of a rank-deficient map is zero in every backend. It is computed here, once, and every
+    backend applies it; a given ``eps`` is used as is. NaN/Inf in ``fm`` raise ``ValueError``.
     """
     check_float_tensor("fm", fm, min_ndim=2, layout="[B, C, *spatial]")
     if isinstance(k, bool) or not isinstance(k, int):
@@ -106,14 +109,16 @@ def topk_singular_vectors(fm: torch.Tensor, k: int, *, eps: Optional[float] = No
     if eps is not None and not (isinstance(eps, (int, float)) and 0 <= eps < 1):
         raise ValueError(f"eps must be a number in [0, 1), got {eps!r}")
     impl = resolve("topk_singular_vectors", backend, fm.device)
-    if impl == "cuda" and (k > CUDA_TOPK_MAX_K or min(fm.shape[1], math.prod(fm.shape[2:])) > CUDA_TOPK_MAX_N):
+    n = reference.gram_size(fm.shape)
+    if impl == "cuda" and (k > CUDA_TOPK_MAX_K or n > CUDA_TOPK_MAX_N):
         impl = "reference"  # beyond the one-block-per-sample kernel's sizes (documented)
+    # One threshold for every backend (the default depends on the dtype and the Gram's size).
+    eps = reference.default_eps(fm.dtype, n) if eps is None else float(eps)
     if impl == "reference":
         check_all_finite("fm", fm)
         return reference.topk_singular_vectors(fm, k, eps)
     # The compiled kernels check the Gram, which any NaN/Inf in fm reaches (a full pass over fm
     # costs as much as the Gram itself), and raise the same ValueError.
-    eps = reference.default_eps(fm.dtype) if eps is None else float(eps)
     # Without a gradient to come, the op keeps no state (and may take power iteration for k = 1).
     save_state = torch.is_grad_enabled() and fm.requires_grad
     try:

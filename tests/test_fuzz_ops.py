@@ -30,7 +30,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import mhgd_fast as mf  # noqa: E402
 import mhgd_fast.reference as ref  # noqa: E402
-from _helpers import backends_for, device_of  # noqa: E402
+from _helpers import compiled_backends_for, device_of  # noqa: E402
 
 _COMMON = dict(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
 settings.register_profile("ci", max_examples=60, derandomize=True, **_COMMON)
@@ -42,10 +42,6 @@ fuzz = settings(settings.get_profile(PROFILE))
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 MAGNITUDES = [1e-30, 1e-8, 1e-3, 1.0, 10.0, 1e3, 1e8, 1e30]
 ULPS = 16  # units in the last place of the compute dtype, times the terms' magnitude
-
-
-def compiled_backends(op):
-    return [b for b in backends_for(op) if b != "reference"]
 
 
 # ------------------------------------------------------------------------------ input makers
@@ -176,7 +172,7 @@ def finite_amax(t):
     return float(t.abs().amax()) if t.numel() else 0.0
 
 
-@pytest.mark.parametrize("backend", compiled_backends("graph_kl"))
+@pytest.mark.parametrize("backend", compiled_backends_for("graph_kl"))
 @fuzz
 @given(case=graph_cases())
 def test_graph_kl_fuzz(backend, case):
@@ -228,7 +224,7 @@ def attention_cases(draw):
                 grad=draw(st.booleans()))
 
 
-@pytest.mark.parametrize("backend", compiled_backends("attention_graph"))
+@pytest.mark.parametrize("backend", compiled_backends_for("attention_graph"))
 @fuzz
 @given(case=attention_cases())
 def test_attention_graph_fuzz(backend, case):
@@ -347,7 +343,7 @@ def compare_singular_vectors(got, truth_fm, k, eps_default, what, dtype):
             assert resid < tol / gap, f"{what}: sample {i} vector {j} leaves its singular subspace by {resid:.3g}"
 
 
-@pytest.mark.parametrize("backend", compiled_backends("topk_singular_vectors"))
+@pytest.mark.parametrize("backend", compiled_backends_for("topk_singular_vectors"))
 @fuzz
 @given(case=feature_maps())
 def test_topk_singular_vectors_fuzz(backend, case):
@@ -365,7 +361,7 @@ def test_topk_singular_vectors_fuzz(backend, case):
     assert bool(torch.isfinite(same_in).all()) and 1 <= k <= fm64.shape[1], "bad input was accepted"
     assert got.shape == (fm64.shape[0], k, fm64.shape[1]) and got.dtype == dtype
     assert bool(torch.isfinite(got).all()), "non-finite singular vectors from finite input"
-    eps = ref.default_eps(dtype)
+    eps = ref.default_eps(dtype, ref.gram_size(fm64.shape))
     compare_singular_vectors(got, same_in.double(), k, eps, f"topk[{backend}]", dtype)
     compare_singular_vectors(same, same_in.double(), k, eps, "topk[reference]", dtype)
 

@@ -116,16 +116,18 @@ bool power_iteration(const double* gram, int64_t n, double tol, double* v, doubl
   return cpu::householder_generic::power_iteration(gram, n, tol, kMaxPowerSteps, v, w, theta);
 }
 
-// The smaller Gram G = P Pᵀ (P = X rows' side: fm's [C, HW] on the XᵀX route, its transpose on
-// the XXᵀ route) as three batched GEMMs, G11, G12 and G22 of the 2×2 block split (G21 = G12ᵀ):
+// The smaller Gram G = P Pᵀ (float64 for kk ≥ 2, topk::gram_rows; P = X rows' side: fm's [C, HW]
+// on the XᵀX route, its transpose on the XXᵀ route) as three batched GEMMs, G11, G12 and G22 of
+// the 2×2 block split (G21 = G12ᵀ):
 // a quarter fewer flops than one full product, ~20 % faster measured. Small Grams in one piece.
 struct GramBlocks {
   Tensor g11, g12, g22;
   int64_t n, h;  // h = n: one block
 };
 
-GramBlocks gram_blocks(const topk::Features& f) {
-  const Tensor p = f.c_route ? f.rows : f.rows.transpose(1, 2);
+GramBlocks gram_blocks(const topk::Features& f, int64_t kk) {
+  const Tensor rows = topk::gram_rows(f, kk);  // float64 for kk ≥ 2
+  const Tensor p = f.c_route ? rows : rows.transpose(1, 2);
   const int64_t n = p.size(1);
   if (n < 32) return {at::bmm(p, p.transpose(1, 2)).contiguous(), Tensor(), Tensor(), n, n};
   const int64_t h = n / 2;
@@ -158,8 +160,9 @@ bool fill_gram(const scalar_t* g11, const scalar_t* g12, const scalar_t* g22, in
 }
 
 bool decompose_cpu(const topk::Features& f, Tensor& householder, Tensor& tridiagonal, Tensor& basis, Tensor& lam) {
-  const GramBlocks g = gram_blocks(f);
-  const int64_t batch = basis.size(0), n = g.n, h = g.h, kk = basis.size(2), nl = lam.size(1);
+  const int64_t kk = basis.size(2);
+  const GramBlocks g = gram_blocks(f, kk);
+  const int64_t batch = basis.size(0), n = g.n, h = g.h, nl = lam.size(1);
   const bool save = householder.defined();
   double* hp = save ? householder.data_ptr<double>() : nullptr;
   double* tp = save ? tridiagonal.data_ptr<double>() : nullptr;
@@ -169,7 +172,7 @@ bool decompose_cpu(const topk::Features& f, Tensor& householder, Tensor& tridiag
   // float32 (and 16-bit) only need |cos| ≥ 0.99999 at relative gaps ≥ 1e-3.
   const double power_tol = f.rows.scalar_type() == at::kDouble ? 1e-13 : 1e-9;
   std::atomic<bool> finite{true};
-  AT_DISPATCH_FLOATING_TYPES(f.rows.scalar_type(), "topk_singular_vectors_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(g.g11.scalar_type(), "topk_singular_vectors_cpu", [&] {
     const scalar_t* g11 = g.g11.data_ptr<scalar_t>();
     const scalar_t* g12 = h < n ? g.g12.data_ptr<scalar_t>() : nullptr;
     const scalar_t* g22 = h < n ? g.g22.data_ptr<scalar_t>() : nullptr;

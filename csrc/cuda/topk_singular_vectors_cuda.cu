@@ -30,8 +30,9 @@ void check_size(int64_t batch, int64_t n, int64_t kk) {
 }
 
 bool decompose_cuda(const topk::Features& f, Tensor& householder, Tensor& tridiagonal, Tensor& basis, Tensor& lam) {
-  const Tensor gram = topk::gram_of(f).contiguous();
-  const int64_t batch = gram.size(0), n = gram.size(1), kk = basis.size(2), nl = lam.size(1);
+  const int64_t kk = basis.size(2);
+  const Tensor gram = topk::gram_of(f, kk).contiguous();  // float64 for kk ≥ 2
+  const int64_t batch = gram.size(0), n = gram.size(1), nl = lam.size(1);
   check_size(batch, n, kk);
   // Without saved state (no gradient wanted) the factors go to temporaries.
   Tensor a = householder.defined() ? householder : at::empty({batch, n, n}, basis.options());
