@@ -178,24 +178,26 @@ def load(path: str) -> dict:
 def load_resumable(path: str, warn: Callable[[str], None], move_bad: bool = True) -> Optional[Tuple[dict, str]]:
     """The newest good checkpoint among ``path`` and :func:`previous_path` and where it was
     found, or None when neither file exists (nothing to resume). Each unusable file is reported
-    through ``warn`` with its path and the reason and, with ``move_bad``, renamed to
-    ``<file>.corrupt`` (kept for inspection, and so the next save does not rotate it into the
-    previous slot). When files exist but none is usable, raises :class:`CheckpointError`: the run
-    stops rather than silently retraining the phase from its start."""
-    problems = []
+    through ``warn`` with its path and the reason. When the previous one is used instead, the
+    damaged latest is renamed to ``<file>.corrupt`` (with ``move_bad``; kept for inspection, and so
+    the next save does not rotate it into the previous slot). When files exist but none is
+    usable, raises :class:`CheckpointError` and leaves them in place: the run stops (again at every
+    retry) rather than silently training the phase again from its start."""
+    problems, bad = [], []
     candidates = [p for p in (path, previous_path(path)) if os.path.exists(p)]
     for i, candidate in enumerate(candidates):
         try:
-            return load(candidate), candidate
+            state = load(candidate)
         except (CheckpointError, OSError) as exc:
             problems.append(str(exc))
-            note = ""
-            if move_bad:
-                os.replace(candidate, candidate + ".corrupt")
-                note = f"; moved it to {candidate}.corrupt"
-            if i + 1 < len(candidates):
-                note += f"; falling back to {candidates[i + 1]}"
-            warn(f"warning: unusable checkpoint: {exc}{note}")
+            fallback = f"; falling back to {candidates[i + 1]}" if i + 1 < len(candidates) else ""
+            warn(f"warning: unusable checkpoint: {exc}{fallback}")
+            bad.append(candidate)
+            continue
+        for damaged in bad if move_bad else ():
+            os.replace(damaged, damaged + ".corrupt")
+            warn(f"moved the unusable {damaged} to {damaged}.corrupt")
+        return state, candidate
     if problems:
         raise CheckpointError(f"no usable checkpoint for {path}: " + "; ".join(problems) +
                               ". Delete or move the damaged files to train this phase again from its start.")
