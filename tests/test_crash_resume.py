@@ -172,6 +172,7 @@ def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_run_bit_for_bit(tmp
         for part in ("modules", "optimizer", "scheduler"):
             assert_same_tensors(a[part], b[part], f"{name}:{part}")
         assert json.dumps(without_timing(a["summary"])) == json.dumps(without_timing(b["summary"]))  # NaN too
+        torch.load(os.path.join(fuzzed, "checkpoints", name), weights_only=True)  # plain data only
     assert results_without_timing(ref) == results_without_timing(fuzzed)
     assert metrics_without_timing(ref) == metrics_without_timing(fuzzed)
     with open(os.path.join(fuzzed, "train.log")) as f:
@@ -285,6 +286,7 @@ def test_save_keeps_the_last_two_and_load_checks_the_digest(tmp_path):
     for i in range(3):
         checkpoint.save_atomic({"i": i, "w": torch.full((5, 3), float(i)), "rng": checkpoint.rng_state()}, path)
     assert checkpoint.load(path)["i"] == 2 and checkpoint.load(checkpoint.previous_path(path))["i"] == 1
+    torch.load(path, weights_only=True)  # plain data, the RNG states included
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["x.prev.pt", "x.pt"]
     raw = torch.load(path, weights_only=False)  # a plain torch file: the digest is one more key
     assert raw[checkpoint.DIGEST_KEY] == checkpoint.digest({k: v for k, v in raw.items() if k != checkpoint.DIGEST_KEY})
@@ -335,3 +337,18 @@ def test_kill_hook_is_inert_unless_set_and_checks_its_value(tmp_path, monkeypatc
     with pytest.raises(ValueError, match="mid-write"):
         checkpoint.save_atomic({"i": 2}, str(tmp_path / "x.pt"))
     assert checkpoint.load(str(tmp_path / "x.pt"))["i"] == 1
+
+
+def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
+    import numpy
+    numpy.random.seed(3)
+    numpy.random.standard_normal()  # leaves a cached Gaussian in numpy's state
+    random.seed(4)
+    torch.manual_seed(5)
+    checkpoint.save_atomic({"rng": checkpoint.rng_state()}, str(tmp_path / "x.pt"))
+    expected = (numpy.random.standard_normal(4), random.random(), torch.rand(3))
+    numpy.random.seed(0), random.seed(0), torch.manual_seed(0)
+    state = torch.load(str(tmp_path / "x.pt"), weights_only=True)
+    checkpoint.set_rng_state(state["rng"])
+    numpy.testing.assert_array_equal(numpy.random.standard_normal(4), expected[0])
+    assert random.random() == expected[1] and torch.equal(torch.rand(3), expected[2])

@@ -44,7 +44,10 @@ def rng_state() -> dict:
         state["cuda"] = torch.cuda.get_rng_state_all()
     try:
         import numpy
-        state["numpy"] = numpy.random.get_state()
+        name, keys, pos, has_gauss, cached = numpy.random.get_state()
+        # as a tensor and plain numbers, so the file loads with torch.load(weights_only=True)
+        state["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
     except ImportError:  # numpy is optional; nothing here draws from it
         pass
     return state
@@ -57,7 +60,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     if "numpy" in state:
         import numpy
-        numpy.random.set_state(state["numpy"])
+        saved = state["numpy"]
+        if isinstance(saved, dict):
+            saved = (saved["name"], saved["keys"].numpy().astype(numpy.uint32), saved["pos"], saved["has_gauss"],
+                     saved["cached_gaussian"])
+        numpy.random.set_state(saved)  # older checkpoints hold numpy's own tuple
 
 
 def previous_path(path: str) -> str:
