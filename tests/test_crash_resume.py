@@ -6,6 +6,7 @@ spread over every phase, some of them inside a checkpoint write (``checkpoint.KI
 few at random wall-clock moments, resumes after each kill, and requires the final weights,
 ``results.json`` and ``metrics.csv`` to equal an uninterrupted run's bit for bit (times aside).
 """
+import argparse
 import csv
 import json
 import os
@@ -262,7 +263,7 @@ def test_no_usable_checkpoint_stops_with_a_clear_error_naming_both_files(tmp_pat
     assert f"{latest} fails its checksum" in message and f"{previous} cannot be read" in message
     assert "train this phase again from its start" in message
     # the command line reports it as an error (exit 1) instead of a traceback
-    top = __import__("argparse").ArgumentParser(prog="mhgd-fast")
+    top = argparse.ArgumentParser(prog="mhgd-fast")
     add_subcommands(top.add_subparsers(dest="command", required=True))
     flags = ["train", "--run-dir", cfg.run_dir]
     for key, value in SMALL.items():
