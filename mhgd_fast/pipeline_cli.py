@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from .pipeline import (METHODS, NonFiniteLossError, PipelineConfig, RunDirMismatch, TrainingInterrupted,
                        run_demo, run_pipeline)
+from .pipeline.checkpoint import CheckpointError
 from .pipeline.config import parse_scale
 from .pipeline.study import run_study
 from .pipeline.settings import SETTINGS, study_config
@@ -113,7 +114,7 @@ def _run(fn, *a, **kw) -> int:
     except TrainingInterrupted as exc:
         print(f"\n{exc}", file=sys.stderr)
         return 130
-    except (NonFiniteLossError, DataFolderError, RunDirMismatch) as exc:
+    except (NonFiniteLossError, DataFolderError, RunDirMismatch, CheckpointError) as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 1
     return 0

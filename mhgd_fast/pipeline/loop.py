@@ -168,17 +168,19 @@ def _update_summary(summary: dict, row: dict) -> None:
 
 
 def run_phase(phase: Phase, loader: BatchLoader, ctx: RunContext) -> dict:
-    """Train ``phase`` to the end (resuming from its checkpoint if there is one); return its summary."""
+    """Train ``phase`` to the end (resuming from its checkpoint if there is one; a damaged latest
+    checkpoint falls back to the previous one, see :func:`checkpoint.load_resumable`); return its summary."""
     path = ctx.checkpoint_path(phase.name)
     epoch, step, totals, summary = 0, 0, _fresh_totals(), {"best_test_acc": float("nan"), "seconds": 0.0}
-    if os.path.exists(path):
-        state = checkpoint.load(path)
+    found = checkpoint.load_resumable(path, ctx.log, move_bad=ctx.main)  # the latest good of the last two
+    if found is not None:
+        state, loaded = found
         _restore(phase, state)
         if state["finished"]:
-            ctx.log(f"[{phase.name}] finished earlier; loaded {path}")
+            ctx.log(f"[{phase.name}] finished earlier; loaded {loaded}")
             return state["summary"]
         epoch, step, totals, summary = state["epoch"], state["step"], state["totals"], state["summary"]
-        ctx.log(f"[{phase.name}] resuming from {path} at epoch {epoch + 1}, step {step}")
+        ctx.log(f"[{phase.name}] resuming from {loaded} at epoch {epoch + 1}, step {step}")
     world = dist.get_world_size() if dist.is_initialized() else 1
     ctx.metrics.truncate(phase.name, epoch)
     with _StopOnSigint(ctx.log) as stop:

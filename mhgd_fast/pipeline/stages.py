@@ -83,8 +83,7 @@ def _check_run_dir(cfg: PipelineConfig, main: bool) -> None:
                                  f"pick a new --run-dir or delete that folder")
     elif main:
         os.makedirs(cfg.run_dir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
+        write_results(path, cfg.to_dict())  # temp file + rename: a kill mid-write leaves no broken config.json
 
 
 def run_pipeline(cfg: PipelineConfig, callbacks: Sequence[Callable] = ()) -> dict:
