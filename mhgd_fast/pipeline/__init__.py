@@ -1,8 +1,8 @@
 """The training pipeline: teacher → graph network → student, with the usual baselines."""
 from .config import METHODS, PipelineConfig
 from .demo import demo_config, run_demo
-from .loop import NonFiniteLossError, TrainingInterrupted
+from .loop import DistributedFailure, NonFiniteLossError, TrainingInterrupted
 from .stages import RunDirMismatch, run_pipeline
 
 __all__ = ["PipelineConfig", "METHODS", "run_pipeline", "demo_config", "run_demo", "NonFiniteLossError",
-           "TrainingInterrupted", "RunDirMismatch"]
+           "TrainingInterrupted", "RunDirMismatch", "DistributedFailure"]
