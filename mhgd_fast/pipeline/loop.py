@@ -232,7 +232,7 @@ def _run_phase(phase: Phase, loader: BatchLoader, ctx: RunContext, where: dict) 
                 where["epoch"], where["step"] = epoch, step
                 x = faults.before_step(epoch, step, x)
                 logits, losses = phase.forward(epoch, step, x, y)
-                bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v.detach()))}
+                bad = {k: float(v.detach()) for k, v in losses.items() if not math.isfinite(float(v.detach()))}
                 if _any_rank(bool(bad)):
                     bar.close()
                     kept = path if os.path.exists(path) else "none (failed in the first epoch)"

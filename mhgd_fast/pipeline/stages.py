@@ -227,8 +227,8 @@ class _EstimatorObjective(nn.Module):
 
     def forward(self, images):
         feats = self.teacher_features(images)
-        if not all(bool(torch.isfinite(f).all()) for f in feats):  # the SVD would reject them: the
-            return feats[0].new_full((), float("nan"))                # runner stops on the NaN loss
+        if not bool(torch.isfinite(torch.stack([f.sum(dtype=torch.float32) for f in feats])).all()):
+            return feats[0].new_full((), float("nan"))  # the SVD would reject them; the runner stops
         return self.mhgd.estimator_loss(feats, weight_decay=self.weight_decay)
 
 
