@@ -189,7 +189,7 @@ def run_phase(phase: Phase, loader: BatchLoader, ctx: RunContext) -> dict:
         return _run_phase(phase, loader, ctx, where)
     except RuntimeError as exc:
         reason = collective_failure(exc, ctx.config.get("ddp_timeout"))
-        if reason is None or isinstance(exc, DistributedFailure):
+        if reason is None or isinstance(exc, (DistributedFailure, NonFiniteLossError)):
             raise
         rank = dist.get_rank()
         at = f"epoch {where['epoch'] + 1}, step {where['step']}" if where["epoch"] is not None else "its start"
