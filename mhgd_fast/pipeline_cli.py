@@ -12,8 +12,9 @@ import sys
 
 from tqdm import tqdm
 
-from .pipeline import (METHODS, NonFiniteLossError, PipelineConfig, RunDirMismatch, TrainingInterrupted,
-                       run_demo, run_pipeline)
+from .distributed import collective_failure
+from .pipeline import (METHODS, DistributedFailure, NonFiniteLossError, PipelineConfig, RunDirMismatch,
+                       TrainingInterrupted, run_demo, run_pipeline)
 from .pipeline.checkpoint import CheckpointError
 from .pipeline.config import parse_scale
 from .pipeline.study import run_study
@@ -63,6 +64,9 @@ FLAG_HELP = {
     "seed": "seed of the data order, the augmentation and the initial weights",
     "device": "auto, cpu, cuda",
     "threads": "torch CPU threads (default: torch's choice)",
+    "ddp_timeout": "under torchrun: seconds a collective operation waits for the other processes before the "
+                   "run stops with an error (a process that died or hangs; keep it above the slowest gap "
+                   "between steps, e.g. rank 0 writing a checkpoint)",
     "backend": "mhgd_fast backend: auto, reference, cpu, cuda",
     "progress": "tqdm progress bars",
 }
@@ -114,8 +118,14 @@ def _run(fn, *a, **kw) -> int:
     except TrainingInterrupted as exc:
         print(f"\n{exc}", file=sys.stderr)
         return 130
-    except (NonFiniteLossError, DataFolderError, RunDirMismatch, CheckpointError) as exc:
+    except (NonFiniteLossError, DistributedFailure, DataFolderError, RunDirMismatch, CheckpointError) as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:  # a collective outside the training loop (e.g. DDP's set-up)
+        reason = collective_failure(exc)
+        if reason is None:
+            raise
+        print(f"\nerror: {reason}. Run the same command again to resume. ({exc})", file=sys.stderr)
         return 1
     return 0
 

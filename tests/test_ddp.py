@@ -1,6 +1,7 @@
 """Two gloo CPU processes against one process on the same global batch."""
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -19,6 +20,17 @@ def free_port():
         return s.getsockname()[1]
 
 
+def spawn(fn, args, nprocs=2, deadline=180):
+    """``mp.spawn`` that fails the test (after killing every process) past ``deadline`` seconds."""
+    context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    end = time.monotonic() + deadline
+    while not context.join(timeout=max(end - time.monotonic(), 0.1)):
+        if time.monotonic() >= end:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{fn.__name__} still running after {deadline} s: it hangs")
+
+
 def test_global_graph_loss_and_feature_gradients_equal_single_process(tmp_path):
     channels, world, batch = [5, 7, 9], 2, 14  # 7 rows per process, odd everywhere
     model = mf.MHGD(channels, heads=3, student_vectors=2)
@@ -30,8 +42,7 @@ def test_global_graph_loss_and_feature_gradients_equal_single_process(tmp_path):
     teacher = [torch.relu(torch.randn(batch, c, 3, 5)) for c in channels]
     torch.save({"channels": channels, "heads": 3, "student_vectors": 2, "state": model.state_dict(),
                 "student": student, "teacher": teacher}, tmp_path / "inputs.pt")
-    mp.spawn(_ddp_workers.global_graph_loss, args=(world, free_port(), str(tmp_path / "inputs.pt"), str(tmp_path)),
-             nprocs=world, join=True)
+    spawn(_ddp_workers.global_graph_loss, (world, free_port(), str(tmp_path / "inputs.pt"), str(tmp_path)), world)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
     single = [f.clone().requires_grad_() for f in student]
@@ -53,7 +64,7 @@ def test_global_graph_loss_and_feature_gradients_equal_single_process(tmp_path):
 def test_pipeline_runs_under_two_processes_with_global_graph(tmp_path):
     config = {**TINY, "run_dir": str(tmp_path / "run"), "methods": ["mhgd"], "global_graph": True,
               "teacher_epochs": 1, "student_epochs": 2, "stage1_epochs": 1}
-    mp.spawn(_ddp_workers.pipeline_run, args=(2, free_port(), config, str(tmp_path)), nprocs=2, join=True)
+    spawn(_ddp_workers.pipeline_run, (2, free_port(), config, str(tmp_path)))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name in ("teacher", "mhgd"):  # every process evaluates its own copy: the copies agree
         for key in ("final_test_acc", "best_test_acc"):

@@ -62,7 +62,7 @@ def asan_env():
 
 
 def test_instrumented_extension_is_the_one_loaded(asan_env):
-    code = ("import mhgd_fast as mf, pathlib; print(mf.__file__); print(mf.build_info().get('sanitize'));"
+    code = ("import mhgd_fast as mf, pathlib; print(mf.__file__); print(mf.build_info().get('build_sanitize'));"
             "print(any('libasan' in line for line in pathlib.Path('/proc/self/maps').read_text().splitlines()))")
     result, out = run_python(["-c", code], asan_env, timeout=300)
     assert result.returncode == 0, out

@@ -54,6 +54,7 @@ class PipelineConfig:
     seed: int = 0
     device: str = "auto"
     threads: Optional[int] = None
+    ddp_timeout: float = 600.0       # seconds a collective waits for the other processes before failing
     backend: str = "auto"
     progress: bool = True
 
@@ -84,6 +85,9 @@ class PipelineConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
+        if isinstance(self.ddp_timeout, bool) or not (isinstance(self.ddp_timeout, (int, float))
+                                                      and math.isfinite(self.ddp_timeout) and self.ddp_timeout > 0):
+            raise ValueError(f"ddp_timeout must be a finite number of seconds > 0, got {self.ddp_timeout!r}")
         if not 0 <= self.val_split < 1:
             raise ValueError(f"val_split must be in [0, 1), got {self.val_split}")
         if self.squash not in ("tanh", "none"):

@@ -1,6 +1,8 @@
 """One training phase, run like real training software: progress bar, metrics, a checkpoint
 every epoch that resumes exactly, Ctrl-C that stops at a step boundary with a resumable
-checkpoint, and a clear stop on a NaN/Inf loss (the last good checkpoint is kept)."""
+checkpoint, and a clear stop on a NaN/Inf loss (the last good checkpoint is kept). Under DDP the
+processes agree on every stop at the same step, and a process that dies or hangs makes the
+others stop with an error (:class:`DistributedFailure`) instead of waiting for ever."""
 from __future__ import annotations
 
 import math
@@ -17,14 +19,21 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ..data import BatchLoader
+from ..distributed import any_rank, broadcast_buffers, collective_failure
 from . import checkpoint
+from .faults import Faults
 from .records import MetricsCSV, RunLog, plot_curves
 
-__all__ = ["Phase", "RunContext", "run_phase", "evaluate", "NonFiniteLossError", "TrainingInterrupted"]
+__all__ = ["Phase", "RunContext", "run_phase", "evaluate", "NonFiniteLossError", "TrainingInterrupted",
+           "DistributedFailure"]
 
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN or Inf; the run stopped before applying that step."""
+
+
+class DistributedFailure(RuntimeError):
+    """Under DDP, a collective operation failed: another process exited, crashed or hung."""
 
 
 class TrainingInterrupted(Exception):
@@ -90,13 +99,17 @@ def evaluate(model: nn.Module, loader: BatchLoader) -> Tuple[float, float]:
     return loss_sum / count, 100.0 * correct / count
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every process when it is true on any (keeps the processes in step)."""
+_any_rank = any_rank  # True on every process when it is true on any (keeps the processes in step)
+
+
+def _nonfinite_report(bad: dict) -> str:
+    """The non-finite losses, by process under DDP: the same text on every process."""
+    describe = lambda losses: ", ".join(f"{k}={v}" for k, v in losses.items())  # noqa: E731
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+        return describe(bad)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, bad)
+    return "; ".join(f"rank {r}: {describe(losses)}" for r, losses in enumerate(every) if losses)
 
 
 class _StopOnSigint:
@@ -169,7 +182,32 @@ def _update_summary(summary: dict, row: dict) -> None:
 
 def run_phase(phase: Phase, loader: BatchLoader, ctx: RunContext) -> dict:
     """Train ``phase`` to the end (resuming from its checkpoint if there is one; a damaged latest
-    checkpoint falls back to the previous one, see :func:`checkpoint.load_resumable`); return its summary."""
+    checkpoint falls back to the previous one, see :func:`checkpoint.load_resumable`); return its summary.
+    Under DDP a collective that fails (another process exited or hung past ``ddp_timeout``)
+    raises :class:`DistributedFailure` naming the phase, the position and the last checkpoint."""
+    where = {"epoch": None, "step": None}
+    try:
+        return _run_phase(phase, loader, ctx, where)
+    except RuntimeError as exc:
+        reason = collective_failure(exc, ctx.config.get("ddp_timeout"))
+        if reason is None or isinstance(exc, (DistributedFailure, NonFiniteLossError)):
+            raise
+        rank = dist.get_rank()
+        at = f"epoch {where['epoch'] + 1}, step {where['step']}" if where["epoch"] is not None else "its start"
+        path = ctx.checkpoint_path(phase.name)
+        kept = _kept_checkpoint(path)
+        raise DistributedFailure(
+            f"[{phase.name}] rank {rank} stopped at {at}: {reason}. The last good checkpoint is {kept}; "
+            f"once every process has stopped, run the same command again to resume. ({exc})") from exc
+
+
+def _kept_checkpoint(path: str) -> str:
+    """The newest checkpoint file of a phase on disk (for the messages of a stopped run)."""
+    return next((p for p in (path, checkpoint.previous_path(path)) if os.path.exists(p)),
+                "none (failed in the first epoch)")
+
+
+def _run_phase(phase: Phase, loader: BatchLoader, ctx: RunContext, where: dict) -> dict:
     path = ctx.checkpoint_path(phase.name)
     epoch, step, totals, summary = 0, 0, _fresh_totals(), {"best_test_acc": float("nan"), "seconds": 0.0}
     found = checkpoint.load_resumable(path, ctx.log, move_bad=ctx.main)  # the latest good of the last two
@@ -183,6 +221,7 @@ def run_phase(phase: Phase, loader: BatchLoader, ctx: RunContext) -> dict:
         ctx.log(f"[{phase.name}] resuming from {loaded} at epoch {epoch + 1}, step {step}")
     world = dist.get_world_size() if dist.is_initialized() else 1
     ctx.metrics.truncate(phase.name, epoch)
+    faults = Faults.from_env(phase.name)  # test hooks, inert unless MHGD_FAST_FAULT is set
     with _StopOnSigint(ctx.log) as stop:
         while epoch < phase.epochs:
             phase.train_mode()
@@ -198,13 +237,15 @@ def run_phase(phase: Phase, loader: BatchLoader, ctx: RunContext) -> dict:
                     raise TrainingInterrupted(
                         f"[{phase.name}] interrupted at epoch {epoch + 1}, step {step}; checkpoint {path}. "
                         f"Run the same command again to resume.")
+                where["epoch"], where["step"] = epoch, step
+                x = faults.before_step(epoch, step, x)
                 logits, losses = phase.forward(epoch, step, x, y)
-                bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v.detach()))}
+                bad = {k: float(v.detach()) for k, v in losses.items() if not math.isfinite(float(v.detach()))}
                 if _any_rank(bool(bad)):
                     bar.close()
-                    kept = path if os.path.exists(path) else "none (failed in the first epoch)"
+                    kept = _kept_checkpoint(path)
                     raise NonFiniteLossError(
-                        f"[{phase.name}] non-finite loss at epoch {epoch + 1}, step {step}: {bad or 'on another process'}. "
+                        f"[{phase.name}] non-finite loss at epoch {epoch + 1}, step {step}: {_nonfinite_report(bad)}. "
                         f"The step was not applied; the last good checkpoint is {kept}. Lower the learning "
                         f"rate or check the data, then resume.")
                 phase.update(epoch, losses)
@@ -237,6 +278,10 @@ def run_phase(phase: Phase, loader: BatchLoader, ctx: RunContext) -> dict:
                 for callback in ctx.callbacks:
                     callback(phase.name, epoch, step)
             bar.close()
+            where["step"] = step  # the epoch's end: its metrics, then the checkpoint (a barrier)
+            # every process evaluates, saves and goes on (later phases: a frozen teacher, the graph
+            # network) with the BN statistics the checkpoint holds, so a resumed run is the same run
+            broadcast_buffers(phase.modules.values())
             totals["seconds"] += time.perf_counter() - tick
             if phase.scheduler is not None:
                 phase.scheduler.step()

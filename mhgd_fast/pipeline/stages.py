@@ -30,7 +30,7 @@ from .records import MetricsCSV, RunLog, format_table, plot_comparison, plot_dia
 __all__ = ["run_pipeline", "load_datasets", "split_validation", "RunDirMismatch"]
 
 # Config fields that may change between a run and its resumption without changing the result.
-RESUMABLE_CHANGES = {"progress", "threads", "device"}
+RESUMABLE_CHANGES = {"progress", "threads", "device", "ddp_timeout"}
 
 
 class RunDirMismatch(ValueError):
@@ -81,7 +81,7 @@ def _check_run_dir(cfg: PipelineConfig, main: bool) -> None:
         if differs:
             raise RunDirMismatch(f"{cfg.run_dir!r} holds a run with other settings ({', '.join(differs)}); "
                                  f"pick a new --run-dir or delete that folder")
-    elif main:
+    elif main:  # written whole, then renamed: another process checking it never reads half a file
         os.makedirs(cfg.run_dir, exist_ok=True)
         write_results(path, cfg.to_dict())  # temp file + rename: a kill mid-write leaves no broken config.json
 
@@ -94,7 +94,7 @@ def run_pipeline(cfg: PipelineConfig, callbacks: Sequence[Callable] = ()) -> dic
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    dist_info = init_from_env(device)
+    dist_info = init_from_env(device, timeout=cfg.ddp_timeout)
     if device.type == "cuda" and dist_info.enabled:
         device = torch.device("cuda", dist_info.local_rank)
         torch.cuda.set_device(device)
@@ -224,7 +224,10 @@ class _EstimatorObjective(nn.Module):
         self.weight_decay = weight_decay
 
     def forward(self, images):
-        return self.mhgd.estimator_loss(self.teacher_features(images), weight_decay=self.weight_decay)
+        feats = self.teacher_features(images)
+        if not bool(torch.isfinite(torch.stack([f.sum(dtype=torch.float32) for f in feats])).all()):
+            return feats[0].new_full((), float("nan"))  # the SVD would reject them; the runner stops
+        return self.mhgd.estimator_loss(feats, weight_decay=self.weight_decay)
 
 
 def _mhgd_stages(cfg, student, teacher, wrap, to_device, train_loader, test_loader, val_loaders, ctx) -> Phase:

@@ -43,7 +43,7 @@ KD_FIELDS = ("kd_temperature", "kd_ce_weight", "kd_weight")
 MHGD_FIELDS = ("stage1_epochs", "stage1_lr", "heads", "student_vectors", "global_graph", "balance",
                "transfer_cap", "transfer_weight", "scale", "squash", "diag_every", "backend")
 # Fields that never change a result (how it runs, not what it computes) or are set per run.
-NOT_HASHED = ("run_dir", "methods", "progress", "threads", "device")
+NOT_HASHED = ("run_dir", "methods", "progress", "threads", "device", "ddp_timeout")
 ACCURACIES = ("final_test_acc", "best_test_acc", "final_val_acc", "test_acc_at_best_val")
 
 
