@@ -3,7 +3,7 @@
 Every case is compared with the reference evaluated in float64 on the same inputs. Most inputs are
 *exact*: integer multiples of powers of two whose products ``scale·q kᵀ`` every dtype computes
 without rounding, so that what is measured is the row math alone, against the bound
-``C_ROW·ε·(|KL| + log M + 1)``. Random inputs add the rounding of the logits themselves (the
+``(4 + M/128)·ε·(|KL| + log M + 1)``. Random inputs add the rounding of the logits themselves (the
 docstring's ``(2·|KL| + 4)·Δ`` term). The cases reproduce a fuzz run's findings: near-one-hot
 rows, logits up to ~1e30, rows whose logits share a large offset (the KL, a small difference of
 large terms when the log-sum-exps were not shifted out), and one column (KL exactly 0).
@@ -23,8 +23,12 @@ KERNELS = [b for b in backends_for("graph_kl") if b != "reference"]
 DIRECTIONS = ("student_teacher", "teacher_student")
 REDUCTIONS = ("none", "sum", "mean")
 DTYPES = {"f32": torch.float32, "f64": torch.float64, "bf16": torch.bfloat16}
-# The row math's constant (ops.graph_kl docstring); measured worst: see the report in the docstring.
-C_ROW = 16
+
+
+def c_row(m):
+    """The row math's constant for rows of m columns (ops.graph_kl docstring): its sums of m terms
+    run in a few lanes, so it grows with m (measured on CPU: 1.6 for m ≤ 130, 32 at m = 4000)."""
+    return 4 + m / 128
 
 
 def eps_of(dtype):
@@ -87,10 +91,10 @@ def logit_rounding(inputs, scale, squash, exact_logits):
 
 
 def row_tolerance(exact_rows, inputs, scale, squash, exact_logits):
-    """The docstring's bound: C_ROW·ε·(|KL| + log M + 1) + (2·|KL| + 4)·Δ."""
+    """The docstring's bound: (4 + M/128)·ε·(|KL| + log M + 1) + (2·|KL| + 4)·Δ."""
     eps, m = eps_of(inputs[0].dtype), inputs[1].shape[1]
     kl = exact_rows.abs()
-    return C_ROW * eps * (kl + math.log(m) + 1) + (2 * kl + 4) * logit_rounding(inputs, scale, squash, exact_logits)
+    return c_row(m) * eps * (kl + math.log(m) + 1) + (2 * kl + 4) * logit_rounding(inputs, scale, squash, exact_logits)
 
 
 def reduce(rows, reduction):
@@ -186,6 +190,8 @@ EXACT_CASES = [
     # ordinary rows: the bound also holds where nothing cancels
     ("plain_f32", "f32", (3, 17, 45, 8), dict(spread=2), 0.25),
     ("plain_bf16", "bf16", (2, 9, 20, 4), dict(spread=2), 0.5),
+    # long rows: the bound grows with M
+    ("offset_f32_long_rows", "f32", (1, 64, 4000, 3), dict(offset_bits=21, spread=3), 0.5),
 ]
 
 
