@@ -31,6 +31,19 @@ inline GraphKL prepare(const at::Tensor& q_s, const at::Tensor& k_s, const at::T
   return {ready(q_s), ready(k_s), ready(q_t), ready(k_t), squash_tanh, scale, teacher_student};
 }
 
+// The backward's row tensors: grad_rows and kl [H, N], and the row statistics [H, N, 2] (per
+// row the logits' max and log Σ exp(logit - max), kept apart: their sum, the log-sum-exp, loses
+// the log-sum to rounding once |max| ≫ 1/ε, and with it the probabilities).
+inline void check_graph_kl_row_tensors(const GraphKL& p, const at::Tensor& grad_rows, const at::Tensor& kl,
+                                       const at::Tensor& stats_s, const at::Tensor& stats_t) {
+  for (const at::Tensor* rows : {&grad_rows, &kl})
+    TORCH_CHECK(rows->sizes() == at::IntArrayRef({p.heads(), p.rows()}),
+                "graph_kl_backward: grad_rows and kl must be [H, N], got ", rows->sizes());
+  for (const at::Tensor* stats : {&stats_s, &stats_t})
+    TORCH_CHECK(stats->sizes() == at::IntArrayRef({p.heads(), p.rows(), 2}),
+                "graph_kl_backward: row statistics must be [H, N, 2], got ", stats->sizes());
+}
+
 // Which gradients a sweep produces (tensors allocated only for those).
 struct Grads {
   at::Tensor dq_s, dk_s, dq_t, dk_t;

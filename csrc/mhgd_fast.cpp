@@ -13,16 +13,18 @@ TORCH_LIBRARY(mhgd_fast, m) {
       "attention_graph_backward(Tensor grad, Tensor q, Tensor k, bool squash_tanh, float scale)"
       " -> (Tensor, Tensor)");
   // MHGD_SPEC.md §7, streamed: per graph row (h, i) the KL divergence of the direction
-  // (teacher_student=false: KL(P_s || P_t)) and both log-sum-exps, [H, N] each, in the
-  // accumulation dtype. The [H, N, M] graphs are never stored.
+  // (teacher_student=false: KL(P_s || P_t)), [H, N], and each side's row statistics, [H, N, 2]:
+  // the (squashed) logits' max and log sum_j exp(logit_j - max), apart so that the backward
+  // rebuilds the probabilities exactly at any logit size. All in the accumulation dtype. The
+  // [H, N, M] graphs are never stored.
   m.def(
       "graph_kl(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, bool squash_tanh, float scale,"
-      " bool teacher_student) -> (Tensor, Tensor, Tensor)");
+      " bool teacher_student) -> (Tensor kl, Tensor stats_s, Tensor stats_t)");
   // Gradients of sum_rows(grad_rows * KL_rows) w.r.t. (q_s, k_s, q_t, k_t), from the saved row
   // statistics; zeros where grad_mask is false.
   m.def(
       "graph_kl_backward(Tensor grad_rows, Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, Tensor kl,"
-      " Tensor lse_s, Tensor lse_t, bool squash_tanh, float scale, bool teacher_student, bool[4] grad_mask)"
+      " Tensor stats_s, Tensor stats_t, bool squash_tanh, float scale, bool teacher_student, bool[4] grad_mask)"
       " -> (Tensor, Tensor, Tensor, Tensor)");
   // Loss (sum, or mean over H*N rows) and its gradients in the same pass: four GEMMs per head
   // instead of six when the loss is a scalar. Gradients in the accumulation dtype (float32 for

@@ -35,15 +35,16 @@ if _C is not None:
 
     # ------------------------------------------------------------------------------ graph_kl
 
-    def _row_stats_like(q_s):
-        return q_s.new_empty(q_s.shape[:2], dtype=compute_dtype(q_s.dtype))
+    def _rows_like(q_s, *trailing):
+        return q_s.new_empty(*q_s.shape[:2], *trailing, dtype=compute_dtype(q_s.dtype))
 
     @torch.library.register_fake("mhgd_fast::graph_kl")
     def _graph_kl_fake(q_s, k_s, q_t, k_t, squash_tanh, scale, teacher_student):
-        return _row_stats_like(q_s), _row_stats_like(q_s), _row_stats_like(q_s)
+        # kl [H, N]; per side [H, N, 2]: each row's logit max and log Σ exp(logit − max).
+        return _rows_like(q_s), _rows_like(q_s, 2), _rows_like(q_s, 2)
 
     @torch.library.register_fake("mhgd_fast::graph_kl_backward")
-    def _graph_kl_backward_fake(grad_rows, q_s, k_s, q_t, k_t, kl, lse_s, lse_t, squash_tanh, scale,
+    def _graph_kl_backward_fake(grad_rows, q_s, k_s, q_t, k_t, kl, stats_s, stats_t, squash_tanh, scale,
                                 teacher_student, grad_mask):
         return tuple(x.new_empty(x.shape) for x in (q_s, k_s, q_t, k_t))
 
@@ -54,12 +55,12 @@ if _C is not None:
 
     def _graph_kl_setup(ctx, inputs, output):
         q_s, k_s, q_t, k_t, squash_tanh, scale, teacher_student = inputs
-        kl, lse_s, lse_t = output
-        ctx.mark_non_differentiable(lse_s, lse_t)
-        ctx.save_for_backward(q_s, k_s, q_t, k_t, kl, lse_s, lse_t)
+        kl, stats_s, stats_t = output
+        ctx.mark_non_differentiable(stats_s, stats_t)
+        ctx.save_for_backward(q_s, k_s, q_t, k_t, kl, stats_s, stats_t)
         ctx.options = (squash_tanh, scale, teacher_student)
 
-    def _graph_kl_backward(ctx, grad_kl, grad_lse_s, grad_lse_t):
+    def _graph_kl_backward(ctx, grad_kl, grad_stats_s, grad_stats_t):
         mask = list(ctx.needs_input_grad[:4])
         grads = torch.ops.mhgd_fast.graph_kl_backward(grad_kl, *ctx.saved_tensors, *ctx.options, mask)
         return tuple(g if needed else None for g, needed in zip(grads, mask)) + (None,) * 3

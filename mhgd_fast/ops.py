@@ -45,6 +45,20 @@ def graph_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch
     ``direction="student_teacher"`` sums KL(P_s ‖ P_t) over heads and rows (the paper's loss).
     ``reduction``: ``"sum"``, ``"mean"`` over the H·N rows, or ``"none"`` (``[H, N]``).
     float16/bfloat16 inputs are accumulated and returned in float32. NaN/Inf inputs propagate.
+
+    Accuracy of the compiled kernels (``"cpu"``, ``"cuda"``), against the reference in float64 on
+    the same inputs, with ε the machine epsilon of the compute dtype and M the row length:
+
+    * The row math subtracts each row's max before anything else, so each row's KL is within
+      ``(4 + M/128)·ε·(|KL| + log M + 1)`` of the exact KL of the logits as computed, at any logit
+      size up to overflow (measured: below ``2·ε·(…)`` for M ≤ 256, ``32·ε·(…)`` at M = 4000, where
+      the reference's cascade sums reach ``5·ε·(…)``). M = 1 gives exactly 0, and zero gradients.
+    * Rounding the logits ``scale·q kᵀ`` themselves, which every computation in that dtype does
+      (the reference's too), adds at most ``(2·|KL| + 4)·Δ``, Δ the row's largest logit error:
+      about ``(d + 1)·ε·|scale|·max_j Σ_k |q_ik·k_jk|`` (``+ 2ε`` with tanh).
+    * Gradients: within twice the error of the reference computed in the same dtype, plus the
+      rounding of ``dL/dlogits = P·(ℓ − KL)``-like differences, about ``ε·(|KL| + log M + 1)``
+      per unit of ``dL/dKL`` in each logit's gradient (the float64 reference has it too).
     """
     _check_heads("q_s", q_s, "k_s", k_s)
     _check_heads("q_t", q_t, "k_t", k_t)

@@ -43,15 +43,16 @@ void squash_rows(T* s, T* t, int64_t rows, int64_t cols, T scale, bool squash_ta
 }
 
 template <typename T>
-void kl_rows(const T* s, const T* t, int64_t rows, int64_t cols, bool ts, T* kl, T* lse_s, T* lse_t, T* p_s,
+void kl_rows(const T* s, const T* t, int64_t rows, int64_t cols, bool ts, T* kl, T* stats_s, T* stats_t, T* p_s,
              T* p_t) {
-  MHGD_ROWS_CALL(kl_rows, s, t, rows, cols, ts, kl, lse_s, lse_t, p_s, p_t);
+  MHGD_ROWS_CALL(kl_rows, s, t, rows, cols, ts, kl, stats_s, stats_t, p_s, p_t);
 }
 
 template <typename T>
-void kl_grad_rows(T* s, T* t, int64_t rows, int64_t cols, bool squash_tanh, bool ts, const T* kl, const T* lse_s,
-                  const T* lse_t, const T* row_scale, bool want_s, bool want_t, const T* p_s, const T* p_t) {
-  MHGD_ROWS_CALL(kl_grad_rows, s, t, rows, cols, squash_tanh, ts, kl, lse_s, lse_t, row_scale, want_s, want_t,
+void kl_grad_rows(T* s, T* t, int64_t rows, int64_t cols, bool squash_tanh, bool ts, const T* kl,
+                  const T* stats_s, const T* stats_t, const T* row_scale, bool want_s, bool want_t, const T* p_s,
+                  const T* p_t) {
+  MHGD_ROWS_CALL(kl_grad_rows, s, t, rows, cols, squash_tanh, ts, kl, stats_s, stats_t, row_scale, want_s, want_t,
                  p_s, p_t);
 }
 
@@ -61,15 +62,15 @@ int64_t rows_per_block(int64_t cols, int64_t elem_size) {
   return std::clamp<int64_t>((int64_t{2} << 20) / std::max<int64_t>(cols * elem_size, 1), 8, 256);
 }
 
-// What a pass computes. compute_stats: writes kl/lse_s/lse_t (forward), else reads them
-// (backward). grads.any(): also the gradients, with dL/dKL_i = row_grad[i] (or grad_scalar for
-// every row when row_grad is null).
+// What a pass computes. compute_stats: writes kl and the row statistics stats_s/stats_t ([H, N, 2]:
+// max, log-sum per row) (forward), else reads them (backward). grads.any(): also the gradients,
+// with dL/dKL_i = row_grad[i] (or grad_scalar for every row when row_grad is null).
 template <typename T>
 struct Pass {
   bool compute_stats;
   T* kl;
-  T* lse_s;
-  T* lse_t;
+  T* stats_s;
+  T* stats_t;
   const T* row_grad;
   T grad_scalar;
 };
@@ -94,12 +95,13 @@ void process_rows(const GraphKL& p, const Pass<T>& pass, const Grads& g, T* sp, 
   T* p_t = scratch.p_t.empty() ? nullptr : scratch.p_t.data();
   squash_rows<T>(sp, tp, rows, M, scale, p.squash_tanh);
   if (pass.compute_stats)
-    kl_rows<T>(sp, tp, rows, M, p.teacher_student, pass.kl + off, pass.lse_s + off, pass.lse_t + off, p_s, p_t);
+    kl_rows<T>(sp, tp, rows, M, p.teacher_student, pass.kl + off, pass.stats_s + 2 * off, pass.stats_t + 2 * off,
+               p_s, p_t);
   if (!g.any()) return;
   T* row_scale = scratch.row_scale.data();
   for (int64_t i = 0; i < rows; ++i) row_scale[i] = (pass.row_grad ? pass.row_grad[off + i] : pass.grad_scalar) * scale;
-  kl_grad_rows<T>(sp, tp, rows, M, p.squash_tanh, p.teacher_student, pass.kl + off, pass.lse_s + off,
-                  pass.lse_t + off, row_scale, g.student(), g.teacher(), p_s, p_t);
+  kl_grad_rows<T>(sp, tp, rows, M, p.squash_tanh, p.teacher_student, pass.kl + off, pass.stats_s + 2 * off,
+                  pass.stats_t + 2 * off, row_scale, g.student(), g.teacher(), p_s, p_t);
 }
 
 // Graphs whose two [H, N, M] logit tensors fit in this many bytes are made whole: one batched
@@ -175,10 +177,10 @@ void streamed_pass(const GraphKL& p, const Pass<T>& pass, Grads& g) {
 }
 
 template <typename T>
-void sweep(const GraphKL& p, bool compute_stats, T* kl, T* lse_s, T* lse_t, const T* row_grad, T grad_scalar,
+void sweep(const GraphKL& p, bool compute_stats, T* kl, T* stats_s, T* stats_t, const T* row_grad, T grad_scalar,
            Grads& g) {
   if (p.heads() == 0 || p.rows() == 0) return;
-  const Pass<T> pass{compute_stats, kl, lse_s, lse_t, row_grad, grad_scalar};
+  const Pass<T> pass{compute_stats, kl, stats_s, stats_t, row_grad, grad_scalar};
   if (2 * p.heads() * p.rows() * p.cols() * static_cast<int64_t>(sizeof(T)) <= kWholeGraphBytes)
     whole_graph_pass(p, pass, g);
   else
@@ -190,30 +192,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_kl_cpu(const at::Tensor& q_
                                                             bool squash_tanh, double scale, bool teacher_student) {
   const GraphKL p = prepare(q_s, k_s, q_t, k_t, squash_tanh, scale, teacher_student);
   at::Tensor kl = at::empty({p.heads(), p.rows()}, p.q_s.options());
-  at::Tensor lse_s = at::empty_like(kl), lse_t = at::empty_like(kl);
+  at::Tensor stats_s = at::empty({p.heads(), p.rows(), 2}, p.q_s.options()), stats_t = at::empty_like(stats_s);
   Grads none = make_grads(p, {});
   AT_DISPATCH_FLOATING_TYPES(p.q_s.scalar_type(), "graph_kl_cpu", [&] {
-    sweep<scalar_t>(p, true, kl.data_ptr<scalar_t>(), lse_s.data_ptr<scalar_t>(), lse_t.data_ptr<scalar_t>(), nullptr,
-                    0, none);
+    sweep<scalar_t>(p, true, kl.data_ptr<scalar_t>(), stats_s.data_ptr<scalar_t>(), stats_t.data_ptr<scalar_t>(),
+                    nullptr, 0, none);
   });
-  return {kl, lse_s, lse_t};
+  return {kl, stats_s, stats_t};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_kl_backward_cpu(
     const at::Tensor& grad_rows, const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
-    const at::Tensor& k_t, const at::Tensor& kl, const at::Tensor& lse_s, const at::Tensor& lse_t, bool squash_tanh,
-    double scale, bool teacher_student, std::array<bool, 4> grad_mask) {
+    const at::Tensor& k_t, const at::Tensor& kl, const at::Tensor& stats_s, const at::Tensor& stats_t,
+    bool squash_tanh, double scale, bool teacher_student, std::array<bool, 4> grad_mask) {
   const GraphKL p = prepare(q_s, k_s, q_t, k_t, squash_tanh, scale, teacher_student);
   const auto acc = p.q_s.scalar_type();
-  for (const at::Tensor* stat : {&grad_rows, &kl, &lse_s, &lse_t})
-    TORCH_CHECK(stat->sizes() == at::IntArrayRef({p.heads(), p.rows()}),
-                "graph_kl_backward: row tensors must be [H, N], got ", stat->sizes());
+  check_graph_kl_row_tensors(p, grad_rows, kl, stats_s, stats_t);
   const at::Tensor g_rows = grad_rows.to(acc).contiguous(), kl_c = kl.to(acc).contiguous();
-  const at::Tensor ls = lse_s.to(acc).contiguous(), lt = lse_t.to(acc).contiguous();
+  const at::Tensor ss = stats_s.to(acc).contiguous(), st = stats_t.to(acc).contiguous();
   Grads g = make_grads(p, grad_mask);
   AT_DISPATCH_FLOATING_TYPES(acc, "graph_kl_backward_cpu", [&] {
     sweep<scalar_t>(p, false, const_cast<scalar_t*>(kl_c.data_ptr<scalar_t>()),
-                    const_cast<scalar_t*>(ls.data_ptr<scalar_t>()), const_cast<scalar_t*>(lt.data_ptr<scalar_t>()),
+                    const_cast<scalar_t*>(ss.data_ptr<scalar_t>()), const_cast<scalar_t*>(st.data_ptr<scalar_t>()),
                     g_rows.data_ptr<scalar_t>(), 0, g);
   });
   return finish_grads(g, q_s, k_s, q_t, k_t);
@@ -226,11 +226,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_kl_
   const int64_t rows = p.heads() * p.rows();
   TORCH_CHECK(!mean || rows > 0, "graph_kl: reduction='mean' needs at least one graph row");
   at::Tensor kl = at::empty({p.heads(), p.rows()}, p.q_s.options());
-  at::Tensor lse_s = at::empty_like(kl), lse_t = at::empty_like(kl);
+  at::Tensor stats_s = at::empty({p.heads(), p.rows(), 2}, p.q_s.options()), stats_t = at::empty_like(stats_s);
   Grads g = make_grads(p, grad_mask);
   AT_DISPATCH_FLOATING_TYPES(p.q_s.scalar_type(), "graph_kl_fused_cpu", [&] {
     const scalar_t grad_scalar = mean ? scalar_t(1) / static_cast<scalar_t>(rows) : scalar_t(1);
-    sweep<scalar_t>(p, true, kl.data_ptr<scalar_t>(), lse_s.data_ptr<scalar_t>(), lse_t.data_ptr<scalar_t>(),
+    sweep<scalar_t>(p, true, kl.data_ptr<scalar_t>(), stats_s.data_ptr<scalar_t>(), stats_t.data_ptr<scalar_t>(),
                     nullptr, grad_scalar, g);
   });
   at::Tensor loss = mean ? kl.mean() : kl.sum();

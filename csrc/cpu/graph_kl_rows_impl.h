@@ -51,9 +51,14 @@ void squash_rows(T* s, T* t, int64_t rows, int64_t cols, T scale, bool squash_ta
   }
 }
 
+// Every formula works on the shifted logits a = s - max_s and b = t - max_t, which the
+// exponentials need anyway: KL(P_s || P_t) = sum_j P_s,j (a_j - b_j) + log sum e^b - log sum e^a.
+// Each term is at most |KL| + log(cols) in size, so the rounding stays relative to the KL itself
+// and not to the logits (the unshifted cross/sum + lse_t - lse_s cancels terms of the size of
+// the logits). One column gives a = b = 0 and a KL of exactly 0.
 template <typename T>
-void kl_rows(const T* s, const T* t, int64_t rows, int64_t cols, bool teacher_student, T* kl, T* lse_s,
-             T* lse_t, T* p_s, T* p_t) {
+void kl_rows(const T* s, const T* t, int64_t rows, int64_t cols, bool teacher_student, T* kl, T* stats_s,
+             T* stats_t, T* p_s, T* p_t) {
   const int64_t vec_end = cols - cols % Vec<T>::size();
   for (int64_t i = 0; i < rows; ++i) {
     const T* si = s + i * cols;
@@ -69,30 +74,31 @@ void kl_rows(const T* s, const T* t, int64_t rows, int64_t cols, bool teacher_st
       max_s = std::max(max_s, si[j]);
       max_t = std::max(max_t, ti[j]);
     }
-    // sum_s = Σ e^{s-max_s}, sum_t likewise; cross = Σ e^{x-max_x} (x - y) of the KL's first argument.
+    // sum_s = Σ e^a, sum_t = Σ e^b; cross = Σ e^a (a - b) (or Σ e^b (b - a) for teacher_student).
     const Vec<T> vms(max_s), vmt(max_t);
     Vec<T> vsum_s(0), vsum_t(0), vcross(0);
     for (j = 0; j < vec_end; j += Vec<T>::size()) {
-      const Vec<T> vs = Vec<T>::loadu(si + j), vt = Vec<T>::loadu(ti + j);
-      const Vec<T> es = (vs - vms).exp(), et = (vt - vmt).exp();
+      const Vec<T> va = Vec<T>::loadu(si + j) - vms, vb = Vec<T>::loadu(ti + j) - vmt;
+      const Vec<T> es = va.exp(), et = vb.exp();
       if (p_s) {
         es.store(p_s + i * cols + j);
         et.store(p_t + i * cols + j);
       }
       vsum_s = vsum_s + es;
       vsum_t = vsum_t + et;
-      vcross = teacher_student ? at::vec::fmadd(et, vt - vs, vcross) : at::vec::fmadd(es, vs - vt, vcross);
+      vcross = teacher_student ? at::vec::fmadd(et, vb - va, vcross) : at::vec::fmadd(es, va - vb, vcross);
     }
     T sum_s = horizontal_sum(vsum_s), sum_t = horizontal_sum(vsum_t), cross = horizontal_sum(vcross);
     for (; j < cols; ++j) {
-      const T es = std::exp(si[j] - max_s), et = std::exp(ti[j] - max_t);
+      const T a = si[j] - max_s, b = ti[j] - max_t;
+      const T es = std::exp(a), et = std::exp(b);
       if (p_s) {
         p_s[i * cols + j] = es;
         p_t[i * cols + j] = et;
       }
       sum_s += es;
       sum_t += et;
-      cross += teacher_student ? et * (ti[j] - si[j]) : es * (si[j] - ti[j]);
+      cross += teacher_student ? et * (b - a) : es * (a - b);
     }
     if (p_s) {  // normalise the stored exponentials into the rows' probabilities
       const T inv_s = T(1) / sum_s, inv_t = T(1) / sum_t;
@@ -101,30 +107,34 @@ void kl_rows(const T* s, const T* t, int64_t rows, int64_t cols, bool teacher_st
         p_t[i * cols + j] *= inv_t;
       }
     }
-    lse_s[i] = max_s + std::log(sum_s);
-    lse_t[i] = max_t + std::log(sum_t);
-    // KL(P_s || P_t) = Σ P_s (s - t) + lse_t - lse_s, and symmetrically for teacher_student.
-    kl[i] = teacher_student ? cross / sum_t + lse_s[i] - lse_t[i] : cross / sum_s + lse_t[i] - lse_s[i];
+    const T log_sum_s = std::log(sum_s), log_sum_t = std::log(sum_t);
+    stats_s[2 * i] = max_s;
+    stats_s[2 * i + 1] = log_sum_s;
+    stats_t[2 * i] = max_t;
+    stats_t[2 * i + 1] = log_sum_t;
+    kl[i] = teacher_student ? cross / sum_t + (log_sum_s - log_sum_t) : cross / sum_s + (log_sum_t - log_sum_s);
   }
 }
 
 template <typename T>
 void kl_grad_rows(T* s, T* t, int64_t rows, int64_t cols, bool squash_tanh, bool teacher_student, const T* kl,
-                  const T* lse_s, const T* lse_t, const T* row_scale, bool want_s, bool want_t, const T* p_s,
+                  const T* stats_s, const T* stats_t, const T* row_scale, bool want_s, bool want_t, const T* p_s,
                   const T* p_t) {
   const int64_t vec_end = cols - cols % Vec<T>::size();
   const Vec<T> one(1);
   for (int64_t i = 0; i < rows; ++i) {
     T* si = s + i * cols;
     T* ti = t + i * cols;
-    const T ls = lse_s[i], lt = lse_t[i], k = kl[i], r = row_scale[i];
+    const T ms = stats_s[2 * i], ls = stats_s[2 * i + 1], mt = stats_t[2 * i], lt = stats_t[2 * i + 1];
+    const T k = kl[i], r = row_scale[i];
     // §7: for KL(P_s||P_t), dS = P_s (l - KL), dT = P_t - P_s with l = log P_s - log P_t;
     // for KL(P_t||P_s), dS = P_s - P_t, dT = P_t (-l - KL). Then the tanh chain and row_scale.
-    const Vec<T> vls(ls), vlt(lt), vk(k), vr(r);
+    // log P = (x - max) - log Σ: the max is subtracted first, so P is exact at any logit size.
+    const Vec<T> vms(ms), vls(ls), vmt(mt), vlt(lt), vk(k), vr(r);
     int64_t j = 0;
     for (; j < vec_end; j += Vec<T>::size()) {
       const Vec<T> vs = Vec<T>::loadu(si + j), vt = Vec<T>::loadu(ti + j);
-      const Vec<T> log_ps = vs - vls, log_pt = vt - vlt;
+      const Vec<T> log_ps = (vs - vms) - vls, log_pt = (vt - vmt) - vlt;
       const Vec<T> ps = p_s ? Vec<T>::loadu(p_s + i * cols + j) : log_ps.exp();
       const Vec<T> pt = p_t ? Vec<T>::loadu(p_t + i * cols + j) : log_pt.exp();
       const Vec<T> ell = log_ps - log_pt;
@@ -139,8 +149,9 @@ void kl_grad_rows(T* s, T* t, int64_t rows, int64_t cols, bool squash_tanh, bool
     }
     for (; j < cols; ++j) {
       const T vs = si[j], vt = ti[j];
-      const T ps = p_s ? p_s[i * cols + j] : std::exp(vs - ls), pt = p_t ? p_t[i * cols + j] : std::exp(vt - lt);
-      const T ell = (vs - ls) - (vt - lt);
+      const T log_ps = (vs - ms) - ls, log_pt = (vt - mt) - lt;
+      const T ps = p_s ? p_s[i * cols + j] : std::exp(log_ps), pt = p_t ? p_t[i * cols + j] : std::exp(log_pt);
+      const T ell = log_ps - log_pt;
       T ds = teacher_student ? ps - pt : ps * (ell - k);
       T dt = teacher_student ? pt * (-ell - k) : pt - ps;
       if (squash_tanh) {

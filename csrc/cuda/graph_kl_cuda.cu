@@ -21,7 +21,7 @@ namespace {
 namespace kernels = cuda_kernels;
 
 template <typename T>
-kernels::GraphKLArgs<T> make_args(const GraphKL& p, at::Tensor& kl, at::Tensor& lse_s, at::Tensor& lse_t,
+kernels::GraphKLArgs<T> make_args(const GraphKL& p, at::Tensor& kl, at::Tensor& stats_s, at::Tensor& stats_t,
                                   const at::Tensor& row_grad, T grad_scalar) {
   return {p.q_s.data_ptr<T>(),
           p.k_s.data_ptr<T>(),
@@ -35,8 +35,8 @@ kernels::GraphKLArgs<T> make_args(const GraphKL& p, at::Tensor& kl, at::Tensor& 
           p.squash_tanh,
           p.teacher_student,
           kl.data_ptr<T>(),
-          lse_s.data_ptr<T>(),
-          lse_t.data_ptr<T>(),
+          stats_s.data_ptr<T>(),
+          stats_t.data_ptr<T>(),
           row_grad.defined() ? row_grad.data_ptr<T>() : nullptr,
           grad_scalar};
 }
@@ -63,10 +63,10 @@ void launch_per_warp(Kernel kernel, int64_t items, int64_t dim, int64_t elem_siz
 
 // Row statistics (and, when `g` asks, the gradients with dL/dKL_i = row_grad or grad_scalar).
 template <typename T>
-void run(const GraphKL& p, bool forward, at::Tensor& kl, at::Tensor& lse_s, at::Tensor& lse_t,
+void run(const GraphKL& p, bool forward, at::Tensor& kl, at::Tensor& stats_s, at::Tensor& stats_t,
          const at::Tensor& row_grad, T grad_scalar, Grads& g) {
   const int64_t dim = p.q_s.size(2), size = sizeof(T);
-  const auto args = make_args<T>(p, kl, lse_s, lse_t, row_grad, grad_scalar);
+  const auto args = make_args<T>(p, kl, stats_s, stats_t, row_grad, grad_scalar);
   auto ptr = [](bool wanted, at::Tensor& x) { return wanted ? x.data_ptr<T>() : nullptr; };
   if (forward)
     launch_per_warp(kernels::graph_kl_forward<T>, p.heads() * p.rows(), dim, size, kernels::kForwardVectors, args);
@@ -84,29 +84,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_kl_cuda(const at::Tensor& q
   const c10::cuda::CUDAGuard guard(q_s.device());
   const GraphKL p = prepare(q_s, k_s, q_t, k_t, squash_tanh, scale, teacher_student);
   at::Tensor kl = at::empty({p.heads(), p.rows()}, p.q_s.options());
-  at::Tensor lse_s = at::empty_like(kl), lse_t = at::empty_like(kl);
+  at::Tensor stats_s = at::empty({p.heads(), p.rows(), 2}, p.q_s.options()), stats_t = at::empty_like(stats_s);
   Grads none = make_grads(p, {});
   AT_DISPATCH_FLOATING_TYPES(p.q_s.scalar_type(), "graph_kl_cuda", [&] {
-    run<scalar_t>(p, true, kl, lse_s, lse_t, at::Tensor(), scalar_t(0), none);
+    run<scalar_t>(p, true, kl, stats_s, stats_t, at::Tensor(), scalar_t(0), none);
   });
-  return {kl, lse_s, lse_t};
+  return {kl, stats_s, stats_t};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_kl_backward_cuda(
     const at::Tensor& grad_rows, const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
-    const at::Tensor& k_t, const at::Tensor& kl, const at::Tensor& lse_s, const at::Tensor& lse_t, bool squash_tanh,
-    double scale, bool teacher_student, std::array<bool, 4> grad_mask) {
+    const at::Tensor& k_t, const at::Tensor& kl, const at::Tensor& stats_s, const at::Tensor& stats_t,
+    bool squash_tanh, double scale, bool teacher_student, std::array<bool, 4> grad_mask) {
   const c10::cuda::CUDAGuard guard(q_s.device());
   const GraphKL p = prepare(q_s, k_s, q_t, k_t, squash_tanh, scale, teacher_student);
   const auto acc = p.q_s.scalar_type();
-  for (const at::Tensor* stat : {&grad_rows, &kl, &lse_s, &lse_t})
-    TORCH_CHECK(stat->sizes() == at::IntArrayRef({p.heads(), p.rows()}),
-                "graph_kl_backward: row tensors must be [H, N], got ", stat->sizes());
+  check_graph_kl_row_tensors(p, grad_rows, kl, stats_s, stats_t);
   const at::Tensor g_rows = grad_rows.to(acc).contiguous();
-  at::Tensor kl_c = kl.to(acc).contiguous(), ls = lse_s.to(acc).contiguous(), lt = lse_t.to(acc).contiguous();
+  at::Tensor kl_c = kl.to(acc).contiguous(), ss = stats_s.to(acc).contiguous(), st = stats_t.to(acc).contiguous();
   Grads g = make_grads(p, grad_mask);
   AT_DISPATCH_FLOATING_TYPES(acc, "graph_kl_backward_cuda", [&] {
-    run<scalar_t>(p, false, kl_c, ls, lt, g_rows, scalar_t(0), g);
+    run<scalar_t>(p, false, kl_c, ss, st, g_rows, scalar_t(0), g);
   });
   return finish_grads(g, q_s, k_s, q_t, k_t);
 }
@@ -119,11 +117,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_kl_
   const int64_t rows = p.heads() * p.rows();
   TORCH_CHECK(!mean || rows > 0, "graph_kl: reduction='mean' needs at least one graph row");
   at::Tensor kl = at::empty({p.heads(), p.rows()}, p.q_s.options());
-  at::Tensor lse_s = at::empty_like(kl), lse_t = at::empty_like(kl);
+  at::Tensor stats_s = at::empty({p.heads(), p.rows(), 2}, p.q_s.options()), stats_t = at::empty_like(stats_s);
   Grads g = make_grads(p, grad_mask);
   AT_DISPATCH_FLOATING_TYPES(p.q_s.scalar_type(), "graph_kl_fused_cuda", [&] {
     const scalar_t grad_scalar = mean ? scalar_t(1) / static_cast<scalar_t>(rows) : scalar_t(1);
-    run<scalar_t>(p, true, kl, lse_s, lse_t, at::Tensor(), grad_scalar, g);
+    run<scalar_t>(p, true, kl, stats_s, stats_t, at::Tensor(), grad_scalar, g);
   });
   at::Tensor loss = mean ? kl.mean() : kl.sum();
   auto [dq_s, dk_s, dq_t, dk_t] = finish_grads(g, q_s, k_s, q_t, k_t, /*accumulation=*/true);

@@ -3,7 +3,8 @@
 // One warp owns one graph row (forward, dq) or one graph column (dk) and streams over the other
 // side, recomputing the logits s = scale q_i.k_j and t likewise; the [H, N, M] graphs never exist.
 //  * graph_kl_forward:        per row, online max/sum statistics (FlashAttention's rescaling) held
-//                             per lane, merged across the warp: KL_i, lse_s, lse_t. One launch.
+//                             per lane, merged across the warp: KL_i and each side's max and
+//                             log-sum. One launch.
 //  * graph_kl_backward_rows:  per row i, dq_i = sum_j dZ_ij k_j (student and/or teacher).
 //  * graph_kl_backward_cols:  per column j, dk_j = sum_i dZ_ij q_i. Every dk row is written by one
 //                             warp in a fixed order, so the backward is deterministic (no atomics).
@@ -30,9 +31,9 @@ struct GraphKLArgs {
   T scale;
   bool squash_tanh;
   bool teacher_student;  // false: KL(P_s || P_t) (the paper's); true: KL(P_t || P_s)
-  T* kl;                 // [H, N] row statistics: written by the forward, read by the backward
-  T* lse_s;
-  T* lse_t;
+  T* kl;                 // [H, N]: written by the forward, read by the backward, as are
+  T* stats_s;            // [H, N, 2]: per row the (squashed) logits' max and log sum exp(x - max)
+  T* stats_t;
   const T* row_grad;  // dL/dKL_i per row, or null: grad_scalar for every row
   T grad_scalar;
 };
@@ -63,21 +64,35 @@ __device__ __forceinline__ void load_vector(T* dst, const T* __restrict__ src, i
   for (int64_t k = lane; k < dim; k += 32) dst[k] = src[k];
 }
 
-// Online log-sum-exp state of one lane: max, sum of exp(x - max) and the KL cross term
-// sum exp(x - max) (x - y) of the KL's first argument.
+// Online state of one lane over its columns: running maxima, sums of exp(x - max), and the KL's
+// cross term sum_j e^{x_j - max_x} ((x_j - max_x) - (y_j - max_y)) with x the KL's first argument
+// (s for KL(P_s || P_t)) and y the other, both shifted by their running maxima. The KL is then
+// cross / sum_x + log sum_y - log sum_x, whose terms are as small as the KL itself (plus
+// log M); the unshifted sum_j P_x (x_j - y_j) + lse_y - lse_x cancels terms of the logits' size.
 template <typename T>
 struct OnlineStats {
   T max_s, sum_s, max_t, sum_t, cross;
 };
 
+// The cross term moved to raised maxima: each held difference (x - max_x) - (y - max_y) shifts by
+// the rise of max_y minus the rise of max_x, each weight (summing to sum_x) scales by rescale_x =
+// e^{-rise_x}. Nothing held yet (sum_x = 0, maxima -inf, rises inf): stays 0.
+template <typename T>
+__device__ __forceinline__ T rebase_cross(T cross, T sum_x, T rescale_x, T rise_x, T rise_y) {
+  return sum_x > T(0) ? rescale_x * (cross + (rise_y - rise_x) * sum_x) : cross;
+}
+
 template <typename T>
 __device__ __forceinline__ void online_update(OnlineStats<T>& st, T s, T t, bool teacher_student) {
   const T new_max_s = st.max_s > s ? st.max_s : s, new_max_t = st.max_t > t ? st.max_t : t;
-  const T rescale_s = dev_exp(st.max_s - new_max_s), rescale_t = dev_exp(st.max_t - new_max_t);
-  const T es = dev_exp(s - new_max_s), et = dev_exp(t - new_max_t);
+  const T rise_s = new_max_s - st.max_s, rise_t = new_max_t - st.max_t;
+  const T rescale_s = dev_exp(-rise_s), rescale_t = dev_exp(-rise_t);
+  const T a = s - new_max_s, b = t - new_max_t;
+  const T es = dev_exp(a), et = dev_exp(b);
+  st.cross = teacher_student ? rebase_cross(st.cross, st.sum_t, rescale_t, rise_t, rise_s) + et * (b - a)
+                             : rebase_cross(st.cross, st.sum_s, rescale_s, rise_s, rise_t) + es * (a - b);
   st.sum_s = st.sum_s * rescale_s + es;
   st.sum_t = st.sum_t * rescale_t + et;
-  st.cross = teacher_student ? st.cross * rescale_t + et * (t - s) : st.cross * rescale_s + es * (s - t);
   st.max_s = new_max_s;
   st.max_t = new_max_t;
 }
@@ -101,28 +116,32 @@ __global__ void graph_kl_forward(const GraphKLArgs<T> a) {
     const T t = squash(dot(qt, a.k_t + col, a.dim), a.scale, a.squash_tanh);
     online_update(st, s, t, a.teacher_student);
   }
-  // Merge the lanes: rescale each lane's sums to the warp's maxima (lanes with no column hold
-  // max = -inf and contribute exp(-inf) = 0).
+  // Merge the lanes: rebase each lane's sums and cross term to the warp's maxima (lanes with no
+  // column hold max = -inf and sums 0, and contribute 0).
   const T max_s = warp_reduce(st.max_s, MaxOp()), max_t = warp_reduce(st.max_t, MaxOp());
-  const T first_max = a.teacher_student ? st.max_t : st.max_s;
-  const T first_warp_max = a.teacher_student ? max_t : max_s;
-  const T sum_s = warp_reduce(st.sum_s * dev_exp(st.max_s - max_s), SumOp());
-  const T sum_t = warp_reduce(st.sum_t * dev_exp(st.max_t - max_t), SumOp());
-  const T cross = warp_reduce(st.cross * dev_exp(first_max - first_warp_max), SumOp());
+  const T rise_s = max_s - st.max_s, rise_t = max_t - st.max_t;
+  const T rescale_s = dev_exp(-rise_s), rescale_t = dev_exp(-rise_t);
+  const T sum_s = warp_reduce(st.sum_s * rescale_s, SumOp()), sum_t = warp_reduce(st.sum_t * rescale_t, SumOp());
+  const T cross = warp_reduce(a.teacher_student ? rebase_cross(st.cross, st.sum_t, rescale_t, rise_t, rise_s)
+                                                : rebase_cross(st.cross, st.sum_s, rescale_s, rise_s, rise_t),
+                              SumOp());
   if (lane == 0) {
-    const T lse_s = max_s + dev_log(sum_s), lse_t = max_t + dev_log(sum_t);
-    a.lse_s[row] = lse_s;
-    a.lse_t[row] = lse_t;
-    a.kl[row] = a.teacher_student ? cross / sum_t + lse_s - lse_t : cross / sum_s + lse_t - lse_s;
+    const T log_sum_s = dev_log(sum_s), log_sum_t = dev_log(sum_t);
+    a.stats_s[2 * row] = max_s;
+    a.stats_s[2 * row + 1] = log_sum_s;
+    a.stats_t[2 * row] = max_t;
+    a.stats_t[2 * row + 1] = log_sum_t;
+    a.kl[row] = a.teacher_student ? cross / sum_t + (log_sum_s - log_sum_t) : cross / sum_s + (log_sum_t - log_sum_s);
   }
 }
 
 // dL/d(q k^T) of student (ds) and teacher (dt) at one element, §7, from the squashed logits and
-// the row's statistics; r = dL/dKL_i * scale.
+// the row's statistics (max m, log-sum l per side: log P = (x - m) - l, the max subtracted first
+// so that P is exact at any logit size); r = dL/dKL_i * scale.
 template <typename T>
-__device__ __forceinline__ void element_grads(T s, T t, T lse_s, T lse_t, T kl, T r, bool squash_tanh,
-                                              bool teacher_student, T& ds, T& dt) {
-  const T log_ps = s - lse_s, log_pt = t - lse_t;
+__device__ __forceinline__ void element_grads(T s, T t, const T* __restrict__ stat_s, const T* __restrict__ stat_t,
+                                              T kl, T r, bool squash_tanh, bool teacher_student, T& ds, T& dt) {
+  const T log_ps = (s - stat_s[0]) - stat_s[1], log_pt = (t - stat_t[0]) - stat_t[1];
   const T ps = dev_exp(log_ps), pt = dev_exp(log_pt), ell = log_ps - log_pt;
   ds = teacher_student ? ps - pt : ps * (ell - kl);
   dt = teacher_student ? pt * (-ell - kl) : pt - ps;
@@ -165,7 +184,8 @@ __device__ void backward_sweep(const GraphKLArgs<T>& a, T* __restrict__ grad_s, 
       const T t = squash(dot(vt, other_t + other, a.dim), a.scale, a.squash_tanh);
       const int64_t stat = kColumns ? h * a.rows + mine : own;  // the graph row of this element
       const T r = (a.row_grad ? a.row_grad[stat] : a.grad_scalar) * a.scale;
-      element_grads(s, t, a.lse_s[stat], a.lse_t[stat], a.kl[stat], r, a.squash_tanh, a.teacher_student, ds, dt);
+      element_grads(s, t, a.stats_s + 2 * stat, a.stats_t + 2 * stat, a.kl[stat], r, a.squash_tanh, a.teacher_student,
+                    ds, dt);
     }
     // Broadcast each lane's element in turn; lane l accumulates the features k = l (mod 32).
     const int64_t chunk = other_count - base < 32 ? other_count - base : 32;
