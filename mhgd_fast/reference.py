@@ -177,8 +177,9 @@ def align_singular_vectors(v_s: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor
     """``[B, ks, C], [B, C] -> [B, C]``: per sample the student vector with the largest |cosine|
     to the teacher's (first on ties), multiplied by the sign of that cosine (+1 when 0)."""
     with torch.no_grad():
-        acc = compute_dtype(v_s.dtype)
-        vs, vt = v_s.to(acc), v_t.to(acc)
+        # float64: B·ks·C products are cheap, and the cosines of tiny (or huge) float32 vectors
+        # must not underflow (overflow) to 0 and flip the sign.
+        vs, vt = v_s.double(), v_t.double()
         dots = (vs * vt.unsqueeze(1)).sum(-1)
         norms = vs.norm(dim=-1) * vt.norm(dim=-1, keepdim=True)
         cos = dots / torch.where(norms > 0, norms, 1.0)
