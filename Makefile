@@ -54,6 +54,17 @@ gpu-check:
 gpu-check-smoke:
 	$(GPU_CHECK_PYTHON) tools/gpu_check.py --cpu-smoke --out $(GPU_CHECK_OUT)
 
+# The CPU kernels under ASan + UBSan (MHGD_SANITIZE=1 build, cached in build/sanitize) and the
+# simulated CUDA kernels under TSan, on the fuzz's fixed cases (part of `make test` too).
+.PHONY: sanitize
+sanitize: install
+	$(BIN)/pytest tests/test_sanitizers.py
+
+# Many more random op fuzz cases than `make test` runs (minutes).
+.PHONY: fuzz
+fuzz: install
+	MHGD_FUZZ_PROFILE=deep $(BIN)/pytest tests/test_fuzz_ops.py
+
 # nvcc resource report of the CUDA kernel headers (no GPU needed); fails on warnings or spills.
 .PHONY: cuda-check
 cuda-check: | $(BIN)/python
