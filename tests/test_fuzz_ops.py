@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -143,6 +144,29 @@ def raises_same(fn_ref, fn_fast):
     return results
 
 
+def run_three_ways(op, case, backend, opts):
+    """Runs a graph op on the case's inputs on ``backend`` and through the reference in the inputs'
+    precision (both must raise alike, see :func:`raises_same`; None when they raised), then through
+    the reference in float64 on the same values (the truth). Gradients are wanted when the case
+    asks and the inputs are finite."""
+    raw = case["values"]
+    has_nan_inf = any(not bool(torch.isfinite(v).all()) for v in raw)
+    want_grad = case["grad"] and not has_nan_inf
+
+    def make(device):
+        return [cast(v, case["dtype"], device, case["layout"]).requires_grad_(want_grad) for v in raw]
+
+    fast_in, same_in = make(device_of(backend)), make("cpu")
+    truth_in = [s.detach().double().requires_grad_(want_grad) for s in same_in]
+    results = raises_same(lambda: op(*same_in, backend="reference", **opts),
+                          lambda: op(*fast_in, backend=backend, **opts))
+    if results is None:
+        return None
+    return SimpleNamespace(raw=raw, has_nan_inf=has_nan_inf, want_grad=want_grad, fast_in=fast_in, same_in=same_in,
+                           truth_in=truth_in, same=results[0], got=results[1],
+                           truth=op(*truth_in, backend="reference", **opts))
+
+
 # ---------------------------------------------------------------------------- graph ops
 
 
@@ -177,24 +201,14 @@ def finite_amax(t):
 @fuzz
 @given(case=graph_cases())
 def test_graph_kl_fuzz(backend, case):
-    dtype, device = case["dtype"], device_of(backend)
+    dtype = case["dtype"]
     opts = dict(squash=case["squash"], scale=case["scale"], direction=case["direction"],
                 reduction=case["reduction"])
-    raw = case["values"]
-    has_nan_inf = any(not bool(torch.isfinite(v).all()) for v in raw)
-    want_grad = case["grad"] and not has_nan_inf
-
-    def make(dt, dev):
-        return [cast(v, dt, dev, case["layout"]).requires_grad_(want_grad) for v in raw]
-
-    fast_in, same_in = make(dtype, device), make(dtype, "cpu")
-    truth_in = [s.detach().double().requires_grad_(want_grad) for s in same_in]
-    results = raises_same(lambda: mf.ops.graph_kl(*same_in, backend="reference", **opts),
-                          lambda: mf.ops.graph_kl(*fast_in, backend=backend, **opts))
-    if results is None:
+    run = run_three_ways(mf.ops.graph_kl, case, backend, opts)
+    if run is None:
         return
-    same, got = results
-    truth = mf.ops.graph_kl(*truth_in, backend="reference", **opts)
+    raw, has_nan_inf, want_grad = run.raw, run.has_nan_inf, run.want_grad
+    fast_in, same_in, truth_in, same, got, truth = run.fast_in, run.same_in, run.truth_in, run.same, run.got, run.truth
     acc = ref.compute_dtype(dtype)
     assert got.dtype == acc and same.dtype == acc
     if has_nan_inf:
@@ -241,20 +255,12 @@ def attention_cases(draw):
 @fuzz
 @given(case=attention_cases())
 def test_attention_graph_fuzz(backend, case):
-    dtype, device = case["dtype"], device_of(backend)
-    opts = dict(squash=case["squash"], scale=case["scale"])
-    raw = case["values"]
-    has_nan_inf = any(not bool(torch.isfinite(v).all()) for v in raw)
-    want_grad = case["grad"] and not has_nan_inf
-    fast_in = [cast(v, dtype, device, case["layout"]).requires_grad_(want_grad) for v in raw]
-    same_in = [cast(v, dtype, "cpu", case["layout"]).requires_grad_(want_grad) for v in raw]
-    truth_in = [s.detach().double().requires_grad_(want_grad) for s in same_in]
-    results = raises_same(lambda: mf.ops.attention_graph(*same_in, backend="reference", **opts),
-                          lambda: mf.ops.attention_graph(*fast_in, backend=backend, **opts))
-    if results is None:
+    dtype = case["dtype"]
+    run = run_three_ways(mf.ops.attention_graph, case, backend, dict(squash=case["squash"], scale=case["scale"]))
+    if run is None:
         return
-    same, got = results
-    truth = mf.ops.attention_graph(*truth_in, backend="reference", **opts)
+    has_nan_inf, want_grad = run.has_nan_inf, run.want_grad
+    fast_in, same_in, truth_in, same, got, truth = run.fast_in, run.same_in, run.truth_in, run.same, run.got, run.truth
     assert got.dtype == dtype
     acc = ref.compute_dtype(dtype)
     if has_nan_inf:
