@@ -182,7 +182,8 @@ class MHGD(nn.Module):
         out = []
         for fm, v_t in zip(student_feats, v_teacher):
             k = min(self.student_vectors, fm.shape[1])
-            out.append(ops.align_singular_vectors(ops.topk_singular_vectors(fm, k, backend=self.backend), v_t))
+            v_s = ops.topk_singular_vectors(fm, k, backend=self.backend)  # the maps' dtype (fp16/bf16 too)
+            out.append(ops.align_singular_vectors(v_s, v_t.to(v_s.dtype)))  # only signs are taken from v_t
         return out
 
     @_outside_autocast
