@@ -67,14 +67,20 @@ def _two_gradients(ce_loss, transfer_loss, params, retain_graph, reduce_grads):
     return g_ce, g_tr
 
 
+def _check_grad_scale(grad_scale: Optional[float]) -> Optional[float]:
+    if grad_scale is None:
+        return None
+    value = float(grad_scale)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale!r}")
+    return value
+
+
 def _unscaled(g_ce, g_tr, grad_scale):
     """The gradients of losses multiplied by ``grad_scale`` divided by it, and the function that
     multiplies a result by it again (both identities when ``grad_scale`` is None)."""
     if grad_scale is None:
         return g_ce, g_tr, lambda g: g
-    grad_scale = float(grad_scale)
-    if not (math.isfinite(grad_scale) and grad_scale > 0):
-        raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale!r}")
     inverse = 1.0 / grad_scale
     unscale = lambda grads: tuple(None if g is None else g * inverse for g in grads)  # noqa: E731
     return unscale(g_ce), unscale(g_tr), lambda g: g * grad_scale
@@ -108,6 +114,7 @@ def balanced_backward(ce_loss: torch.Tensor, transfer_loss: torch.Tensor,
     when it is inf/NaN. (The scale is a power of two: dividing and multiplying are exact.)
     """
     cap = _check_nonnegative("cap", cap)
+    grad_scale = _check_grad_scale(grad_scale)
     params = [p for p in params if p.requires_grad]
     factor = transfer_clip_factor(epoch, init_epoch)
     g_ce, g_tr = _two_gradients(ce_loss, transfer_loss, params, retain_graph, reduce_grads)
@@ -143,6 +150,7 @@ def weighted_backward(ce_loss: torch.Tensor, transfer_loss: torch.Tensor,
     ``backward()`` on the sum when no diagnostics are wanted. ``grad_scale``: as in
     :func:`balanced_backward` (the diagnostics are those of the unscaled gradients)."""
     weight = _check_nonnegative("weight", weight)
+    grad_scale = _check_grad_scale(grad_scale)
     params = [p for p in params if p.requires_grad]
     g_ce, g_tr = _two_gradients(ce_loss, transfer_loss, params, retain_graph, reduce_grads)
     g_ce, g_tr, rescale = _unscaled(g_ce, g_tr, grad_scale)
