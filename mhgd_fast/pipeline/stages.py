@@ -113,6 +113,7 @@ def run_pipeline(cfg: PipelineConfig, callbacks: Sequence[Callable] = ()) -> dic
             f"methods {cfg.methods}, {dist_info.world} process(es) on {device}"
             + (f", mixed precision {cfg.amp}" if cfg.amp != "off" else ""))
     precision = lambda: Precision(cfg.amp, device)  # noqa: E731  (one loss scaler per phase)
+    eval_precision = precision()
 
     train_set, val_set, test_set = load_datasets(cfg)
     mean, std = channel_stats(train_set.images)
@@ -154,7 +155,7 @@ def run_pipeline(cfg: PipelineConfig, callbacks: Sequence[Callable] = ()) -> dic
             return None
 
         def metrics():
-            loss, acc = evaluate(model, val_loaders[0], Precision(cfg.amp, device).autocast)
+            loss, acc = evaluate(model, val_loaders[0], eval_precision.autocast)
             return {"val_loss": loss, "val_acc": acc}
         return metrics
 
@@ -164,7 +165,7 @@ def run_pipeline(cfg: PipelineConfig, callbacks: Sequence[Callable] = ()) -> dic
     if cfg.teacher_checkpoint:
         state = checkpoint.load(cfg.teacher_checkpoint)
         teacher.load_state_dict(state["modules"]["model"] if "modules" in state else state)
-        test_loss, test_acc = evaluate(teacher, test_loader, precision().autocast)
+        test_loss, test_acc = evaluate(teacher, test_loader, eval_precision.autocast)
         ctx.log(f"[teacher] loaded {cfg.teacher_checkpoint}: test acc {test_acc:.2f}")
         results["teacher"] = {"model": cfg.teacher, "final_test_acc": test_acc, "best_test_acc": test_acc,
                               "epochs": 0, "seconds": 0.0}
