@@ -160,7 +160,10 @@ setup(
     description="Fast multi-head attention graph knowledge distillation (MHGD) for PyTorch",
     python_requires=">=3.9",
     install_requires=["torch", "tqdm", "numpy", "matplotlib", "scipy"],
-    extras_require={"torchdistill": ["torchdistill>=1.1"]},  # mhgd_fast.contrib.torchdistill
+    extras_require={
+        "torchdistill": ["torchdistill>=1.1"],  # mhgd_fast.contrib.torchdistill
+        "tensorboard": ["tensorboard"],  # `train/demo/study --tensorboard`
+    },
     packages=find_packages(include=["mhgd_fast", "mhgd_fast.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildWithMeta.with_options(use_ninja=True)},

@@ -67,10 +67,30 @@ def _two_gradients(ce_loss, transfer_loss, params, retain_graph, reduce_grads):
     return g_ce, g_tr
 
 
+def _check_grad_scale(grad_scale: Optional[float]) -> Optional[float]:
+    if grad_scale is None:
+        return None
+    value = float(grad_scale)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale!r}")
+    return value
+
+
+def _unscaled(g_ce, g_tr, grad_scale):
+    """The gradients of losses multiplied by ``grad_scale`` divided by it, and the function that
+    multiplies a result by it again (both identities when ``grad_scale`` is None)."""
+    if grad_scale is None:
+        return g_ce, g_tr, lambda g: g
+    inverse = 1.0 / grad_scale
+    unscale = lambda grads: tuple(None if g is None else g * inverse for g in grads)  # noqa: E731
+    return unscale(g_ce), unscale(g_tr), lambda g: g * grad_scale
+
+
 def balanced_backward(ce_loss: torch.Tensor, transfer_loss: torch.Tensor,
                       params: Iterable[torch.nn.Parameter], epoch: float, init_epoch: float,
                       retain_graph: Optional[bool] = None,
-                      reduce_grads: Optional[Callable] = None, cap: float = 1.0) -> dict:
+                      reduce_grads: Optional[Callable] = None, cap: float = 1.0,
+                      grad_scale: Optional[float] = None) -> dict:
     """Accumulate the balanced gradient of ``ce_loss`` and ``transfer_loss`` into ``p.grad``.
 
     Two backward passes over the shared graph give the CE and transfer gradients separately; each
@@ -86,11 +106,19 @@ def balanced_backward(ce_loss: torch.Tensor, transfer_loss: torch.Tensor,
     ``reduce_grads(kind, grads)`` (``kind`` is ``"ce"`` or ``"transfer"``), when given, replaces
     each gradient list before clipping; data-parallel training passes a cross-process all-reduce
     so the clip compares the global CE and transfer gradients.
+
+    ``grad_scale``, when given, is a loss scale (float16 training with ``torch.amp.GradScaler``):
+    both losses come multiplied by it. Their gradients are divided by it before the norms and the
+    clip, so the clip and the diagnostics are exactly those of the unscaled losses, and the sum is
+    multiplied by it again into ``.grad``, where ``GradScaler.step`` unscales it and skips the step
+    when it is inf/NaN. (The scale is a power of two: dividing and multiplying are exact.)
     """
     cap = _check_nonnegative("cap", cap)
+    grad_scale = _check_grad_scale(grad_scale)
     params = [p for p in params if p.requires_grad]
     factor = transfer_clip_factor(epoch, init_epoch)
     g_ce, g_tr = _two_gradients(ce_loss, transfer_loss, params, retain_graph, reduce_grads)
+    g_ce, g_tr, rescale = _unscaled(g_ce, g_tr, grad_scale)
     sq = {"ce": [], "transfer": [], "transfer_clipped": []}  # squared norms, summed once at the end
     dot, clipped, tensors = [], 0, 0
     for p, gc, gt in zip(params, g_ce, g_tr):
@@ -107,20 +135,25 @@ def balanced_backward(ce_loss: torch.Tensor, transfer_loss: torch.Tensor,
             clipped += int(gt_norm > max_norm)
             tensors += 1
         sq["ce"].append(gc.detach().pow(2).sum())
-        p.grad = grad.detach() if p.grad is None else p.grad + grad.detach()
+        grad = rescale(grad.detach())
+        p.grad = grad if p.grad is None else p.grad + grad
     return _stats(sq, dot, clipped, tensors, factor)
 
 
 def weighted_backward(ce_loss: torch.Tensor, transfer_loss: torch.Tensor,
                       params: Iterable[torch.nn.Parameter], weight: float = 1.0,
-                      retain_graph: Optional[bool] = None, reduce_grads: Optional[Callable] = None) -> dict:
+                      retain_graph: Optional[bool] = None, reduce_grads: Optional[Callable] = None,
+                      grad_scale: Optional[float] = None) -> dict:
     """Accumulate the gradient of ``ce_loss + weight · transfer_loss`` into ``p.grad`` (no
     balancing), with the same diagnostics as :func:`balanced_backward` (``"transfer"`` is the norm
     of the weighted transfer gradient; nothing is clipped). Two backward passes: use a plain
-    ``backward()`` on the sum when no diagnostics are wanted."""
+    ``backward()`` on the sum when no diagnostics are wanted. ``grad_scale``: as in
+    :func:`balanced_backward` (the diagnostics are those of the unscaled gradients)."""
     weight = _check_nonnegative("weight", weight)
+    grad_scale = _check_grad_scale(grad_scale)
     params = [p for p in params if p.requires_grad]
     g_ce, g_tr = _two_gradients(ce_loss, transfer_loss, params, retain_graph, reduce_grads)
+    g_ce, g_tr, rescale = _unscaled(g_ce, g_tr, grad_scale)
     sq = {"ce": [], "transfer": [], "transfer_clipped": []}
     dot, tensors = [], 0
     for p, gc, gt in zip(params, g_ce, g_tr):
@@ -136,5 +169,6 @@ def weighted_backward(ce_loss: torch.Tensor, transfer_loss: torch.Tensor,
             dot.append((gc.detach() * gt.detach()).sum())
             tensors += 1
         sq["ce"].append(gc.detach().pow(2).sum())
-        p.grad = grad.detach() if p.grad is None else p.grad + grad.detach()
+        grad = rescale(grad.detach())
+        p.grad = grad if p.grad is None else p.grad + grad
     return _stats(sq, dot, 0, tensors, 1.0)

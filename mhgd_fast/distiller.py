@@ -30,9 +30,10 @@ class KDLoss(nn.Module):
         self.temperature, self.reduction = float(temperature), reduction
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        t = self.temperature
-        log_p_s = F.log_softmax(student_logits / t, dim=1)
-        log_p_t = F.log_softmax(teacher_logits.detach() / t, dim=1)
+        t = self.temperature  # float32 softmaxes when autocast gives float16/bfloat16 logits
+        wide = lambda x: x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # noqa: E731
+        log_p_s = F.log_softmax(wide(student_logits) / t, dim=1)
+        log_p_t = F.log_softmax(wide(teacher_logits.detach()) / t, dim=1)
         return F.kl_div(log_p_s, log_p_t, reduction=self.reduction, log_target=True) * t * t
 
 

@@ -7,6 +7,8 @@ statistics and never changes the module.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -21,6 +23,21 @@ __all__ = ["MHGD", "GraphPair", "Estimator", "drop_head_mask", "SCALE_RSQRT_D", 
 
 SCALE_RSQRT_D = "rsqrt-d"   # MHGD(scale=...) option: 1/√d for each pair, d its per-head width
 SATURATION_LEVEL = 0.995     # a logit counts as saturated when |tanh S| exceeds this
+
+
+def _outside_autocast(method):
+    """Run ``method(self, feats, ...)`` with autocast off on the features' device: under mixed
+    precision the graph network stays float32 (its inputs, the feature maps, may be float16 or
+    bfloat16; the graph ops accumulate them in float32)."""
+    @functools.wraps(method)
+    def wrapper(self, feats, *args, **kwargs):
+        device_type = feats[0].device.type if isinstance(feats, (list, tuple)) and feats and \
+            isinstance(feats[0], torch.Tensor) else None
+        off = (torch.autocast(device_type, enabled=False)
+               if device_type is not None and torch.is_autocast_enabled(device_type) else contextlib.nullcontext())
+        with off:
+            return method(self, feats, *args, **kwargs)
+    return wrapper
 
 
 def _init_linear(linear: nn.Linear) -> None:
@@ -165,9 +182,11 @@ class MHGD(nn.Module):
         out = []
         for fm, v_t in zip(student_feats, v_teacher):
             k = min(self.student_vectors, fm.shape[1])
-            out.append(ops.align_singular_vectors(ops.topk_singular_vectors(fm, k, backend=self.backend), v_t))
+            v_s = ops.topk_singular_vectors(fm, k, backend=self.backend)  # the maps' dtype (fp16/bf16 too)
+            out.append(ops.align_singular_vectors(v_s, v_t.to(v_s.dtype)))  # only signs are taken from v_t
         return out
 
+    @_outside_autocast
     def estimator_loss(self, teacher_feats, weight_decay: float = 5e-4) -> torch.Tensor:
         """Stage-1 loss (§5) on teacher features: Σ_pairs mean_i (1 − ⟨V̂_B[i], V_B[i]⟩) plus
         ``weight_decay · Σ w²`` over every graph-network parameter. In training mode BN uses and
@@ -187,6 +206,7 @@ class MHGD(nn.Module):
             loss = loss + weight_decay * sum(p.pow(2).sum() for p in self.parameters())
         return loss
 
+    @_outside_autocast
     def forward(self, student_feats, teacher_feats, *,
                 gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                 stats: Optional[dict] = None) -> torch.Tensor:

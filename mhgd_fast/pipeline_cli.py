@@ -16,7 +16,8 @@ from .distributed import collective_failure
 from .pipeline import (METHODS, DistributedFailure, NonFiniteLossError, PipelineConfig, RunDirMismatch,
                        TrainingInterrupted, run_demo, run_pipeline)
 from .pipeline.checkpoint import CheckpointError
-from .pipeline.config import parse_scale
+from .pipeline.config import AMP_CHOICES, parse_scale
+from .pipeline.records import TensorBoardUnavailable
 from .pipeline.study import run_study
 from .pipeline.settings import SETTINGS, study_config
 from .data import DataFolderError
@@ -68,6 +69,11 @@ FLAG_HELP = {
                    "run stops with an error (a process that died or hangs; keep it above the slowest gap "
                    "between steps, e.g. rank 0 writing a checkpoint)",
     "backend": "mhgd_fast backend: auto, reference, cpu, cuda",
+    "amp": "mixed precision of the teacher's and student's forward: off (float32), bf16 (autocast, also on the "
+           "CPU) or fp16 (autocast and a loss scaler; steps with inf/NaN gradients are skipped and counted). "
+           "Weights and the graph network stay float32; it changes the results, so a run folder keeps its value",
+    "tensorboard": "also write the metrics (every column of metrics.csv) as TensorBoard events under "
+                   "<run-dir>/tensorboard/<phase>/ (needs the optional tensorboard package)",
     "progress": "tqdm progress bars",
 }
 
@@ -94,6 +100,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, defaults: PipelineConfig,
             parser.add_argument(flag, choices=("cifar10", "cifar100", "synthetic"), default=default, help=help_text)
         elif f.name == "squash":
             parser.add_argument(flag, choices=("tanh", "none"), default=default, help=help_text)
+        elif f.name == "amp":
+            parser.add_argument(flag, choices=AMP_CHOICES, default=default, help=help_text)
         else:
             kind = {"threads": int, "teacher_checkpoint": str, "data_seed": int,
                     "scale": _scale_arg}.get(f.name, type(getattr(defaults, f.name)))
@@ -118,7 +126,8 @@ def _run(fn, *a, **kw) -> int:
     except TrainingInterrupted as exc:
         print(f"\n{exc}", file=sys.stderr)
         return 130
-    except (NonFiniteLossError, DistributedFailure, DataFolderError, RunDirMismatch, CheckpointError) as exc:
+    except (NonFiniteLossError, DistributedFailure, DataFolderError, RunDirMismatch, CheckpointError,
+            TensorBoardUnavailable) as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 1
     except RuntimeError as exc:  # a collective outside the training loop (e.g. DDP's set-up)
@@ -144,7 +153,8 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return _run(run_demo, args.run_dir, seed=args.seed, threads=args.threads, progress=args.progress)
+    return _run(run_demo, args.run_dir, seed=args.seed, threads=args.threads, progress=args.progress,
+                amp=args.amp, tensorboard=args.tensorboard)
 
 
 def add_subcommands(subparsers) -> None:
@@ -158,6 +168,9 @@ def add_subcommands(subparsers) -> None:
     demo.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     demo.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    demo.add_argument("--amp", choices=AMP_CHOICES, default="off", help=f"{FLAG_HELP['amp']} (default: %(default)s)")
+    demo.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
+                      help=f"{FLAG_HELP['tensorboard']} (default: %(default)s)")
     demo.set_defaults(handler=cmd_demo)
 
     train = subparsers.add_parser(

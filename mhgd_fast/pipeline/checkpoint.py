@@ -9,11 +9,17 @@ load. A write goes to a temporary file that is fsynced before it is renamed over
 (which first becomes the previous one), so ``kill -9`` or a power cut at any moment leaves at
 least one complete checkpoint; :func:`load_resumable` falls back to the previous one when the
 latest is missing, truncated or fails its checksum.
+
+Every file is read with ``torch.load(weights_only=True)``: only tensors, numbers, strings and
+containers of them are unpickled, so a checkpoint (a resumed one, ``--teacher-checkpoint``)
+cannot run code when it is loaded, whoever wrote it. A file holding any other Python object is
+refused with :class:`UnsafeCheckpointError` before anything in it is executed.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import random
 import signal
 from typing import Callable, Optional, Tuple
@@ -21,7 +27,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 __all__ = ["rng_state", "set_rng_state", "save_atomic", "load", "load_resumable", "previous_path", "digest",
-           "CheckpointError", "DIGEST_KEY", "KILL_ENV"]
+           "CheckpointError", "UnsafeCheckpointError", "DIGEST_KEY", "KILL_ENV"]
 
 DIGEST_KEY = "checkpoint_sha256"
 # Test hook, inert unless set: "<point>[:<n>]" makes the n-th save (default: the first) after the
@@ -36,6 +42,10 @@ _SCALARS = (bool, int, float, str)  # bool first: it is an int
 
 class CheckpointError(RuntimeError):
     """A checkpoint file cannot be read or fails its integrity check."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file holds Python objects other than tensors and plain data; it was not loaded."""
 
 
 def rng_state() -> dict:
@@ -160,14 +170,27 @@ def save_atomic(obj: dict, path: str) -> None:
 
 
 def load(path: str) -> dict:
-    """Load a checkpoint and check its sha256. Raises :class:`CheckpointError` naming ``path`` and
-    the reason when the file cannot be read (truncated, not a checkpoint) or its contents do not
-    match the stored digest. Files without a digest (older checkpoints, a plain ``state_dict``)
-    load unchecked."""
+    """Load a checkpoint (``weights_only``: nothing in the file is executed) and check its sha256.
+    Raises :class:`UnsafeCheckpointError` when the file holds other Python objects than tensors,
+    numbers, strings and containers (their unpickling could run code), and :class:`CheckpointError`
+    naming ``path`` and the reason when the file cannot be read (truncated, not a checkpoint) or
+    its contents do not match the stored digest. Files without a digest (older checkpoints, a plain
+    ``state_dict``) load unchecked."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc) and "Weights only" not in str(exc):
+            raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}: {str(exc).strip()})") from exc
+        first = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                     str(exc).strip().splitlines()[0]).rstrip(".")
+        raise UnsafeCheckpointError(
+            f"{path} was not loaded: it holds Python objects other than tensors, numbers, strings, lists "
+            f"and dicts, and unpickling them could run arbitrary code (checkpoints are read with "
+            f"torch.load(weights_only=True)). torch says: {first}. A checkpoint of this pipeline or a "
+            f"plain state_dict (torch.save(model.state_dict(), path)) loads; re-save other files as a "
+            f"state_dict from code you trust.") from None
     except Exception as exc:  # torch reports a damaged file in many ways (zip, pickle, EOF, storage)
         raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}: {str(exc).strip()})") from exc
     if isinstance(state, dict) and DIGEST_KEY in state:

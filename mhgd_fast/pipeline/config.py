@@ -8,9 +8,13 @@ from dataclasses import dataclass, field
 import math
 from typing import List, Optional, Union
 
-__all__ = ["PipelineConfig", "METHODS", "parse_scale"]
+__all__ = ["PipelineConfig", "METHODS", "AMP_CHOICES", "LATER_FIELDS", "parse_scale"]
 
 METHODS = ("student", "kd", "mhgd")  # comparable students, trained on one pipeline and one dataset
+AMP_CHOICES = ("off", "bf16", "fp16")
+# Fields added after run folders existed, with the value a folder written before them ran with:
+# a config.json or results.json without the field is read as having this value.
+LATER_FIELDS = {"amp": "off", "tensorboard": False}
 
 
 @dataclass
@@ -56,6 +60,8 @@ class PipelineConfig:
     threads: Optional[int] = None
     ddp_timeout: float = 600.0       # seconds a collective waits for the other processes before failing
     backend: str = "auto"
+    amp: str = "off"                 # mixed precision of the networks' forward: off | bf16 | fp16 (see precision.py)
+    tensorboard: bool = False        # also write metrics.csv's scalars as TensorBoard events (optional package)
     progress: bool = True
 
     def to_dict(self) -> dict:
@@ -90,6 +96,8 @@ class PipelineConfig:
             raise ValueError(f"ddp_timeout must be a finite number of seconds > 0, got {self.ddp_timeout!r}")
         if not 0 <= self.val_split < 1:
             raise ValueError(f"val_split must be in [0, 1), got {self.val_split}")
+        if self.amp not in AMP_CHOICES:
+            raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         if self.squash not in ("tanh", "none"):
             raise ValueError(f"squash must be 'tanh' or 'none', got {self.squash!r}")
         self.scale = parse_scale(self.scale)

@@ -5,6 +5,7 @@ processes agree on every stop at the same step, and a process that dies or hangs
 others stop with an error (:class:`DistributedFailure`) instead of waiting for ever."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -22,7 +23,8 @@ from ..data import BatchLoader
 from ..distributed import any_rank, broadcast_buffers, collective_failure
 from . import checkpoint
 from .faults import Faults
-from .records import MetricsCSV, RunLog, plot_curves
+from .precision import Precision
+from .records import MetricsCSV, RunLog, TensorBoardLog, plot_curves
 
 __all__ = ["Phase", "RunContext", "run_phase", "evaluate", "NonFiniteLossError", "TrainingInterrupted",
            "DistributedFailure"]
@@ -52,6 +54,10 @@ class Phase:
     and shows the latest in the progress bar. ``epoch_metrics()`` returns extra columns for the
     epoch's row (e.g. validation accuracy, the held-out estimator loss); a ``"val_acc"`` among them
     is tracked like the test accuracy.
+
+    ``precision``, when given, is the phase's :class:`~.precision.Precision`: its loss scaler's
+    state is checkpointed, and with float16 the epoch's row counts the steps it skipped
+    (``amp_skipped_steps``: inf/NaN gradients, not a failure).
     """
     name: str
     model_name: str
@@ -66,6 +72,7 @@ class Phase:
     epoch_metrics: Optional[Callable[[], dict]] = None
     diagnostics: Optional[Callable[[], Optional[dict]]] = None
     postfix_keys: Dict[str, str] = field(default_factory=dict)  # diagnostics shown in the bar: key -> label
+    precision: Optional[Precision] = None
 
 
 @dataclass
@@ -77,13 +84,15 @@ class RunContext:
     main: bool = True
     progress: bool = True
     callbacks: Sequence[Callable] = field(default_factory=tuple)  # on_step(phase, epoch, step)
+    tensorboard: Optional[TensorBoardLog] = None  # mirrors metrics.csv (main process only)
 
     def checkpoint_path(self, phase: str) -> str:
         return os.path.join(self.run_dir, "checkpoints", f"{phase}.pt")
 
 
-def evaluate(model: nn.Module, loader: BatchLoader) -> Tuple[float, float]:
-    """(mean cross-entropy, top-1 %) of ``model`` in eval mode over the whole of ``loader``."""
+def evaluate(model: nn.Module, loader: BatchLoader, autocast: Optional[Callable] = None) -> Tuple[float, float]:
+    """(mean cross-entropy, top-1 %) of ``model`` in eval mode over the whole of ``loader``;
+    ``autocast()``, when given, is the context of each forward (mixed precision)."""
     was_training = model.training
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
@@ -91,7 +100,8 @@ def evaluate(model: nn.Module, loader: BatchLoader) -> Tuple[float, float]:
     with torch.no_grad():
         for x, y in loader.batches():
             x, y = x.to(device), y.to(device)
-            logits = model(x)
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                logits = model(x).float()
             loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
             count += y.numel()
@@ -141,6 +151,8 @@ def _save(ctx: RunContext, phase: Phase, position: dict, finished: bool = False)
                  "optimizer": phase.optimizer.state_dict(),
                  "scheduler": phase.scheduler.state_dict() if phase.scheduler else None,
                  "rng": checkpoint.rng_state()}
+        if phase.precision is not None and phase.precision.scaler is not None:
+            state["amp_scaler"] = phase.precision.state_dict()
         checkpoint.save_atomic(state, ctx.checkpoint_path(phase.name))
     if dist.is_initialized():
         dist.barrier()
@@ -153,6 +165,8 @@ def _restore(phase: Phase, state: dict) -> None:
     if phase.scheduler is not None:
         phase.scheduler.load_state_dict(state["scheduler"])
     checkpoint.set_rng_state(state["rng"])
+    if phase.precision is not None:
+        phase.precision.load_state_dict(state.get("amp_scaler"))
 
 
 def _fresh_totals() -> dict:
@@ -221,6 +235,8 @@ def _run_phase(phase: Phase, loader: BatchLoader, ctx: RunContext, where: dict) 
         ctx.log(f"[{phase.name}] resuming from {loaded} at epoch {epoch + 1}, step {step}")
     world = dist.get_world_size() if dist.is_initialized() else 1
     ctx.metrics.truncate(phase.name, epoch)
+    if ctx.tensorboard is not None:  # the phase's events rewritten from metrics.csv: they match after a resume
+        ctx.tensorboard.start_phase(phase.name, ctx.metrics.rows())
     faults = Faults.from_env(phase.name)  # test hooks, inert unless MHGD_FAST_FAULT is set
     with _StopOnSigint(ctx.log) as stop:
         while epoch < phase.epochs:
@@ -249,6 +265,9 @@ def _run_phase(phase: Phase, loader: BatchLoader, ctx: RunContext, where: dict) 
                         f"The step was not applied; the last good checkpoint is {kept}. Lower the learning "
                         f"rate or check the data, then resume.")
                 phase.update(epoch, losses)
+                scaler = phase.precision.scaler if phase.precision is not None else None
+                if scaler is not None:
+                    totals["amp_skipped"] = totals.get("amp_skipped", 0) + phase.precision.take_skipped()
                 sampled = phase.diagnostics() if phase.diagnostics is not None else None
                 step += 1
                 n = y.numel()
@@ -293,6 +312,8 @@ def _run_phase(phase: Phase, loader: BatchLoader, ctx: RunContext, where: dict) 
                 row["transfer_loss"] = totals["transfer"] / totals["count"]
             if logits is not None:
                 row["train_acc"] = 100 * totals["correct"] / totals["count"]
+            if phase.precision is not None and phase.precision.scaler is not None:
+                row["amp_skipped_steps"] = totals.get("amp_skipped", 0)
             for key, (total, count) in totals["diag"].items():
                 row[key] = total / count if count else float("nan")
             message = f"[{phase.name}] epoch {epoch + 1}/{phase.epochs} loss {row['train_loss']:.4f}"
@@ -310,6 +331,8 @@ def _run_phase(phase: Phase, loader: BatchLoader, ctx: RunContext, where: dict) 
             ctx.log(f"{message} | {row['images_per_s']:.0f} img/s, {totals['seconds']:.1f} s")
             if ctx.main:
                 ctx.metrics.append(row)
+                if ctx.tensorboard is not None:
+                    ctx.tensorboard.append(row)
                 plot_curves(ctx.metrics.rows(), phase.name, os.path.join(ctx.run_dir, "plots", f"{phase.name}.png"))
             epoch, step, totals = epoch + 1, 0, _fresh_totals()
             _save(ctx, phase, {"epoch": epoch, "step": 0, "totals": totals, "summary": summary})

@@ -1,7 +1,9 @@
-"""What a run leaves behind: a log file, a metrics CSV, PNG plots and ``results.json``."""
+"""What a run leaves behind: a log file, a metrics CSV, PNG plots and ``results.json``; with
+``--tensorboard``, TensorBoard event files of the metrics too."""
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
 import time
@@ -9,7 +11,7 @@ from typing import Dict, List
 
 from tqdm import tqdm
 
-__all__ = ["RunLog", "MetricsCSV", "plot_curves", "plot_diagnostics", "plot_comparison", "write_results",
+__all__ = ["RunLog", "MetricsCSV", "TensorBoardLog", "TensorBoardUnavailable", "plot_curves", "plot_diagnostics", "plot_comparison", "write_results",
            "format_table", "METRIC_FIELDS", "DIAGNOSTICS"]
 
 METRIC_FIELDS = ["phase", "epoch", "lr", "train_loss", "train_acc", "transfer_loss", "val_loss", "val_acc",
@@ -71,6 +73,65 @@ class MetricsCSV:
             writer.writeheader()
             writer.writerows(rows)
         os.replace(tmp, self.path)
+
+
+class TensorBoardUnavailable(RuntimeError):
+    """``--tensorboard`` was asked for, but the optional ``tensorboard`` package is not installed."""
+
+
+class TensorBoardLog:
+    """The scalars of ``metrics.csv`` as TensorBoard events: one run folder per phase
+    (``<directory>/<phase>/``), one tag per column (``train_loss``, ``test_acc``, the stage-2
+    diagnostics, …), the step being the CSV's ``epoch`` (from 0). A phase's events are rewritten
+    from ``metrics.csv`` whenever the phase starts or resumes, so they never hold an epoch twice
+    and match the CSV after any resume. ``tensorboard --logdir <run-dir>/tensorboard`` shows the
+    phases side by side (the students' ``test_acc`` on one chart)."""
+
+    def __init__(self, directory: str):
+        self.directory, self._writer, self._phase = directory, None, None
+        self._summary_writer = self.check_available()
+
+    @staticmethod
+    def check_available():
+        """torch's ``SummaryWriter``; :class:`TensorBoardUnavailable` when tensorboard is missing."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise TensorBoardUnavailable(
+                f"--tensorboard needs the optional tensorboard package, which cannot be imported ({exc}). "
+                "Install it with  pip install tensorboard  (or the mhgd_fast[tensorboard] extra), or run "
+                "without --tensorboard: metrics.csv holds the same numbers.") from None
+        return SummaryWriter
+
+    def start_phase(self, phase: str, rows: List[dict]) -> None:
+        """Open ``phase``'s folder afresh and write its rows of ``metrics.csv`` so far."""
+        self.close()
+        folder = os.path.join(self.directory, phase)
+        for old in glob.glob(os.path.join(folder, "events.out.tfevents.*")):
+            os.remove(old)
+        self._writer, self._phase = self._summary_writer(folder), phase
+        for row in rows:
+            if row["phase"] == phase:
+                self._add(row)
+        self._writer.flush()
+
+    def append(self, row: Dict) -> None:
+        if row["phase"] != self._phase:
+            raise ValueError(f"TensorBoardLog: a row of {row['phase']!r} while {self._phase!r} is open")
+        self._add(row)
+        self._writer.flush()
+
+    def _add(self, row: Dict) -> None:
+        epoch = int(row["epoch"])
+        for key, value in row.items():
+            if key in ("phase", "epoch") or value in ("", None):
+                continue
+            self._writer.add_scalar(key, float(value), epoch)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer, self._phase = None, None
 
 
 def _pyplot():

@@ -23,14 +23,16 @@ from ..distributed import all_gather_columns, all_reduce_grads, init_from_env
 from ..features import unwrap
 from ..models import build_model
 from . import checkpoint
-from .config import PipelineConfig
+from .config import LATER_FIELDS, PipelineConfig
 from .loop import Phase, RunContext, evaluate, run_phase
-from .records import MetricsCSV, RunLog, format_table, plot_comparison, plot_diagnostics, write_results
+from .precision import Precision
+from .records import (MetricsCSV, RunLog, TensorBoardLog, format_table, plot_comparison, plot_diagnostics,
+                      write_results)
 
 __all__ = ["run_pipeline", "load_datasets", "split_validation", "RunDirMismatch"]
 
 # Config fields that may change between a run and its resumption without changing the result.
-RESUMABLE_CHANGES = {"progress", "threads", "device", "ddp_timeout"}
+RESUMABLE_CHANGES = {"progress", "threads", "device", "ddp_timeout", "tensorboard"}
 
 
 class RunDirMismatch(ValueError):
@@ -75,7 +77,7 @@ def _check_run_dir(cfg: PipelineConfig, main: bool) -> None:
     path = os.path.join(cfg.run_dir, "config.json")
     if os.path.exists(path):
         with open(path) as f:
-            saved = json.load(f)
+            saved = {**LATER_FIELDS, **json.load(f)}  # a folder from before a field existed ran with its default
         differs = sorted(k for k in set(saved) | set(cfg.to_dict())
                          if k not in RESUMABLE_CHANGES and saved.get(k) != cfg.to_dict().get(k))
         if differs:
@@ -99,12 +101,19 @@ def run_pipeline(cfg: PipelineConfig, callbacks: Sequence[Callable] = ()) -> dic
         device = torch.device("cuda", dist_info.local_rank)
         torch.cuda.set_device(device)
     main = dist_info.rank == 0
+    if cfg.tensorboard:
+        TensorBoardLog.check_available()  # before anything is trained or written
     _check_run_dir(cfg, main)
     ctx = RunContext(cfg.run_dir, RunLog(os.path.join(cfg.run_dir, "train.log"), echo=main),
                      MetricsCSV(os.path.join(cfg.run_dir, "metrics.csv")), cfg.to_dict(), main=main,
-                     progress=cfg.progress, callbacks=callbacks)
+                     progress=cfg.progress, callbacks=callbacks,
+                     tensorboard=TensorBoardLog(os.path.join(cfg.run_dir, "tensorboard"))
+                     if cfg.tensorboard and main else None)
     ctx.log(f"run {cfg.run_dir}: {cfg.dataset}, teacher {cfg.teacher}, student {cfg.student}, "
-            f"methods {cfg.methods}, {dist_info.world} process(es) on {device}")
+            f"methods {cfg.methods}, {dist_info.world} process(es) on {device}"
+            + (f", mixed precision {cfg.amp}" if cfg.amp != "off" else ""))
+    precision = lambda: Precision(cfg.amp, device)  # noqa: E731  (one loss scaler per phase)
+    eval_precision = precision()
 
     train_set, val_set, test_set = load_datasets(cfg)
     mean, std = channel_stats(train_set.images)
@@ -126,25 +135,27 @@ def run_pipeline(cfg: PipelineConfig, callbacks: Sequence[Callable] = ()) -> dic
     def supervised_phase(name, model_name, model, distiller, epochs):
         """Teacher, student alone and KD: backward of the summed losses (DDP averages gradients)."""
         optimizer = _sgd(model.parameters(), cfg, cfg.lr, cfg.weight_decay)
+        amp = precision()
 
         def forward(epoch, step, x, y):
-            return distiller(*to_device(x, y))
+            with amp.autocast():
+                return distiller(*to_device(x, y))
 
         def update(epoch, losses):
             optimizer.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            optimizer.step()
+            amp.backward(sum(losses.values()))
+            amp.step(optimizer)
 
         return Phase(name, model_name, epochs, {"model": model}, optimizer, _multistep(optimizer, cfg, epochs),
-                     forward, update, lambda: distiller.train(), lambda: evaluate(model, test_loader),
-                     epoch_metrics=validation(model))
+                     forward, update, lambda: distiller.train(), lambda: evaluate(model, test_loader, amp.autocast),
+                     epoch_metrics=validation(model), precision=amp)
 
     def validation(model):
         if val_loaders is None:
             return None
 
         def metrics():
-            loss, acc = evaluate(model, val_loaders[0])
+            loss, acc = evaluate(model, val_loaders[0], eval_precision.autocast)
             return {"val_loss": loss, "val_acc": acc}
         return metrics
 
@@ -154,7 +165,7 @@ def run_pipeline(cfg: PipelineConfig, callbacks: Sequence[Callable] = ()) -> dic
     if cfg.teacher_checkpoint:
         state = checkpoint.load(cfg.teacher_checkpoint)
         teacher.load_state_dict(state["modules"]["model"] if "modules" in state else state)
-        test_loss, test_acc = evaluate(teacher, test_loader)
+        test_loss, test_acc = evaluate(teacher, test_loader, eval_precision.autocast)
         ctx.log(f"[teacher] loaded {cfg.teacher_checkpoint}: test acc {test_acc:.2f}")
         results["teacher"] = {"model": cfg.teacher, "final_test_acc": test_acc, "best_test_acc": test_acc,
                               "epochs": 0, "seconds": 0.0}
@@ -173,7 +184,8 @@ def run_pipeline(cfg: PipelineConfig, callbacks: Sequence[Callable] = ()) -> dic
                                      KDDistiller(wrap(student), teacher, cfg.kd_temperature, cfg.kd_ce_weight,
                                                  cfg.kd_weight), cfg.student_epochs)
         else:
-            phase = _mhgd_stages(cfg, student, teacher, wrap, to_device, train_loader, test_loader, val_loaders, ctx)
+            phase = _mhgd_stages(cfg, student, teacher, wrap, to_device, train_loader, test_loader, val_loaders, ctx,
+                                 precision)
             phase.epoch_metrics = validation(student)
         results[method] = run_phase(phase, train_loader, ctx)
         if method == "mhgd":
@@ -192,6 +204,8 @@ def run_pipeline(cfg: PipelineConfig, callbacks: Sequence[Callable] = ()) -> dic
         write_results(os.path.join(cfg.run_dir, "results.json"),
                       {"config": cfg.to_dict(), "results": results, "table": table, "wall_seconds": wall,
                        "processes": dist_info.world, "device": str(device), "torch": torch.__version__})
+    if ctx.tensorboard is not None:
+        ctx.tensorboard.close()
     ctx.log(f"results ({wall:.1f} s this call):\n{table}", echo=False)  # callers print it (the demo does)
     return {"results": results, "table": table, "wall_seconds": wall}
 
@@ -230,7 +244,8 @@ class _EstimatorObjective(nn.Module):
         return self.mhgd.estimator_loss(feats, weight_decay=self.weight_decay)
 
 
-def _mhgd_stages(cfg, student, teacher, wrap, to_device, train_loader, test_loader, val_loaders, ctx) -> Phase:
+def _mhgd_stages(cfg, student, teacher, wrap, to_device, train_loader, test_loader, val_loaders, ctx,
+                 precision) -> Phase:
     """Run stage 1 (§5) to the end; return the stage-2 phase (§6) for the caller to run."""
     student_ddp = wrap(student)
     distiller = MHGDDistiller(student_ddp, teacher, unwrap(student).sensing_points, teacher.sensing_points,
@@ -241,14 +256,16 @@ def _mhgd_stages(cfg, student, teacher, wrap, to_device, train_loader, test_load
     objective = wrap(_EstimatorObjective(distiller, cfg.weight_decay))
     # the stage-1 loss carries its own 5e-4·Σw² (§5), so the optimiser adds no decay
     opt1 = _sgd(mhgd.parameters(), cfg, cfg.stage1_lr, 0.0)
+    amp1 = precision()
 
     def forward1(epoch, step, x, y):
-        return None, {"estimator": objective(to_device(x, y)[0])}
+        with amp1.autocast():  # the teacher's forward; the graph network itself stays float32
+            return None, {"estimator": objective(to_device(x, y)[0])}
 
     def update1(epoch, losses):
         opt1.zero_grad(set_to_none=True)
-        losses["estimator"].backward()
-        opt1.step()
+        amp1.backward(losses["estimator"])
+        amp1.step(opt1)
 
     def heldout_estimator_loss():
         """The stage-1 loss without weight decay on the validation split, in eval mode (running
@@ -259,7 +276,9 @@ def _mhgd_stages(cfg, student, teacher, wrap, to_device, train_loader, test_load
         with torch.no_grad():
             for x, _ in val_loaders[1].batches():
                 x = x.to(next(mhgd.parameters()).device)
-                total += float(mhgd.estimator_loss(distiller.teacher_features(x), weight_decay=0.0)) * len(x)
+                with amp1.autocast():
+                    feats = distiller.teacher_features(x)
+                total += float(mhgd.estimator_loss(feats, weight_decay=0.0)) * len(x)
                 count += len(x)
                 distiller.teacher_capture.clear()
         mhgd.train(was_training)
@@ -267,11 +286,12 @@ def _mhgd_stages(cfg, student, teacher, wrap, to_device, train_loader, test_load
 
     stage1 = Phase("mhgd-stage1", "graph network", cfg.stage1_epochs, {"mhgd": mhgd}, opt1, None,
                    forward1, update1, lambda: mhgd.train(),
-                   epoch_metrics=heldout_estimator_loss if val_loaders is not None else None)
+                   epoch_metrics=heldout_estimator_loss if val_loaders is not None else None, precision=amp1)
     stage1_summary = run_phase(stage1, train_loader, ctx)
     mhgd.eval().requires_grad_(False)
 
     opt2 = _sgd(student.parameters(), cfg, cfg.lr, cfg.weight_decay)
+    amp2 = precision()
     params = list(student.parameters())
     distributed = isinstance(student_ddp, DistributedDataParallel)
     sample = {"stats": None, "grads": None}  # diagnostics of the current step, when it is sampled
@@ -286,23 +306,26 @@ def _mhgd_stages(cfg, student, teacher, wrap, to_device, train_loader, test_load
         # gradients are computed by hand (two backward passes), so DDP must not sync on its own
         separate = cfg.balance or sampled
         sync_off = student_ddp.no_sync() if distributed and separate else contextlib.nullcontext()
-        with sync_off:
+        with sync_off, amp2.autocast():  # the graph network inside runs outside autocast (float32)
             return distiller(*to_device(x, y), stats=sample["stats"])
 
     def update2(epoch, losses):
         opt2.zero_grad(set_to_none=True)
         transfer = losses["transfer"] * cfg.transfer_weight if cfg.transfer_weight != 1 else losses["transfer"]
         reduce = reduce_grads if distributed else None
+        # fp16: both losses scaled; the clip and the diagnostics see the unscaled gradients
+        ce, transfer, scale = amp2.scale(losses["ce"]), amp2.scale(transfer), amp2.grad_scale()
         if cfg.balance:
-            grads = balanced_backward(losses["ce"], transfer, params, epoch=cfg.stage1_epochs + epoch,
-                                      init_epoch=cfg.stage1_epochs, reduce_grads=reduce, cap=cfg.transfer_cap)
+            grads = balanced_backward(ce, transfer, params, epoch=cfg.stage1_epochs + epoch,
+                                      init_epoch=cfg.stage1_epochs, reduce_grads=reduce, cap=cfg.transfer_cap,
+                                      grad_scale=scale)
         elif sample["stats"] is not None:
-            grads = weighted_backward(losses["ce"], transfer, params, reduce_grads=reduce)
+            grads = weighted_backward(ce, transfer, params, reduce_grads=reduce, grad_scale=scale)
         else:
-            (losses["ce"] + transfer).backward()
+            (ce + transfer).backward()
             grads = None
         sample["grads"] = grads
-        opt2.step()
+        amp2.step(opt2)
 
     def diagnostics():
         if sample["stats"] is None or sample["grads"] is None:
@@ -317,7 +340,7 @@ def _mhgd_stages(cfg, student, teacher, wrap, to_device, train_loader, test_load
 
     phase = Phase("mhgd-stage2", cfg.student, cfg.student_epochs, {"model": student}, opt2,
                   _multistep(opt2, cfg, cfg.student_epochs), forward2, update2, train_mode,
-                  lambda: evaluate(student, test_loader), diagnostics=diagnostics,
+                  lambda: evaluate(student, test_loader, amp2.autocast), diagnostics=diagnostics, precision=amp2,
                   postfix_keys={"grad_ratio": "g_tr/g_ce", "grad_cosine": "cos", "clipped_share": "clip",
                                 "sat_student_p0": "sat"})
     phase.stage1_summary = stage1_summary

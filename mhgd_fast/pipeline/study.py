@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from tqdm import tqdm
 
-from .config import PipelineConfig
+from .config import LATER_FIELDS, PipelineConfig
 from .records import write_results
 from .stages import run_pipeline
 
@@ -43,7 +43,7 @@ KD_FIELDS = ("kd_temperature", "kd_ce_weight", "kd_weight")
 MHGD_FIELDS = ("stage1_epochs", "stage1_lr", "heads", "student_vectors", "global_graph", "balance",
                "transfer_cap", "transfer_weight", "scale", "squash", "diag_every", "backend")
 # Fields that never change a result (how it runs, not what it computes) or are set per run.
-NOT_HASHED = ("run_dir", "methods", "progress", "threads", "device", "ddp_timeout")
+NOT_HASHED = ("run_dir", "methods", "progress", "threads", "device", "ddp_timeout", "tensorboard")
 ACCURACIES = ("final_test_acc", "best_test_acc", "final_val_acc", "test_acc_at_best_val")
 
 
@@ -53,7 +53,11 @@ def _reset(values: dict, fields: Sequence[str]) -> dict:
 
 
 def _run_dir(study_dir: str, label: str, values: dict) -> str:
-    key = json.dumps({k: v for k, v in values.items() if k not in NOT_HASHED}, sort_keys=True)
+    """The run's folder: the label and a hash of the result-changing settings (``amp`` among them).
+    A field added later (:data:`LATER_FIELDS`) is hashed only when it differs from the value runs
+    had before it existed, so the runs of an older study folder keep their names."""
+    key = json.dumps({k: v for k, v in values.items()
+                      if k not in NOT_HASHED and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}, sort_keys=True)
     return os.path.join(study_dir, "runs", f"{label}-{hashlib.sha1(key.encode()).hexdigest()[:10]}")
 
 
@@ -87,7 +91,8 @@ def _finished_results(cfg: PipelineConfig) -> Optional[dict]:
         return None
     with open(path) as f:
         saved = json.load(f)
-    return saved if saved.get("config") == cfg.to_dict() else None
+    config = {**LATER_FIELDS, **saved.get("config", {})}
+    return saved if config == cfg.to_dict() else None
 
 
 def run_study(base: PipelineConfig, study_dir: str, name: str = "recipe", seeds: Sequence[int] = range(5),
