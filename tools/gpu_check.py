@@ -143,8 +143,13 @@ class Check:
         self.environment: Dict[str, object] = {}
         self.work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
         self.log = open(out / "gpu_check.log", "w", encoding="utf-8")
-        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-                        PYTHONUNBUFFERED="1")
+        # The package the stages import: the source tree's, which the GPU flow builds in place; in
+        # a smoke run without a build in the tree (CI, after `make install`) the installed one, so
+        # the repo root stays off sys.path (no PYTHONPATH entry; pytest under ``python -P``).
+        self.use_tree = not self.smoke or args.build or (ROOT / "mhgd_fast" / "_build_meta.json").exists()
+        self.python = [args.python] + ([] if self.use_tree else ["-P"])
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            filter(None, [str(ROOT) if self.use_tree else None, os.environ.get("PYTHONPATH")])), PYTHONUNBUFFERED="1")
 
     # -- plumbing
 
@@ -286,7 +291,7 @@ class Check:
 
     def tests_stage(self, timeout: float) -> Stage:
         env = dict(self.env, MHGD_REQUIRE_EXTENSION="0" if self.smoke else "1")
-        argv = [self.args.python, "-m", "pytest", "-m", "cuda", "tests", "-q", "-p", "no:cacheprovider"]
+        argv = [*self.python, "-m", "pytest", "-m", "cuda", "tests", "-q", "-p", "no:cacheprovider"]
         rc, output, timed_out = self.run(argv, timeout, env)
         counts = pytest_counts(output)
         failed = [line[len("FAILED "):] for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
