@@ -52,13 +52,14 @@ print(json.dumps({
 
 
 def run(cmd, timeout, **kwargs):
+    shown = " ".join(arg if "\n" not in arg else "<script>" for arg in cmd)
     start = time.monotonic()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"`{' '.join(cmd)}` did not finish in {timeout} s:\n{exc.stdout}\n{exc.stderr}")
-    print(f"{time.monotonic() - start:7.1f} s  {' '.join(cmd)}")
-    assert done.returncode == 0, (f"`{' '.join(cmd)}` failed ({done.returncode}):\n"
+        pytest.fail(f"`{shown}` did not finish in {timeout} s:\n{exc.stdout}\n{exc.stderr}")
+    print(f"{time.monotonic() - start:7.1f} s  {shown}")
+    assert done.returncode == 0, (f"`{shown}` failed ({done.returncode}):\n"
                                   f"{done.stdout[-6000:]}\n{done.stderr[-6000:]}")
     return done
 
