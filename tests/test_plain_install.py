@@ -64,8 +64,16 @@ def run(cmd, timeout, **kwargs):
     return done
 
 
-def test_plain_pip_install_builds_and_runs(tmp_path):
-    source, venv, elsewhere = tmp_path / "src", tmp_path / "venv", tmp_path / "elsewhere"
+@pytest.fixture
+def workdir(tmp_path):
+    """tmp_path, emptied afterwards: pytest keeps the last runs' folders, and a venv with a CUDA
+    build of torch is 5.5 GB."""
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_plain_pip_install_builds_and_runs(workdir):
+    source, venv, elsewhere = workdir / "src", workdir / "venv", workdir / "elsewhere"
     shutil.copytree(ROOT, source, ignore=IGNORED)
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items()
