@@ -3,7 +3,8 @@
 CUDA sources compile when a GPU is visible or FORCE_CUDA=1, never with a CPU build of torch;
 FORCE_ONLY_CPU=1 skips them. MHGD_SANITIZE=1 builds the CPU kernels only, instrumented with
 AddressSanitizer + UndefinedBehaviorSanitizer (load it with the runtimes preloaded: see
-tests/test_sanitizers.py). Build against the installed torch: ``pip install --no-build-isolation .``
+tests/test_sanitizers.py). ``pip install .`` builds in isolation against a torch of the installed
+version (tools/build_backend.py); ``pip install --no-build-isolation .`` against the installed torch.
 """
 import datetime
 import glob
@@ -57,10 +58,11 @@ try:
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 except ImportError:
-    sys.exit("mhgd_fast is compiled against the torch already installed, but torch is not importable "
-             "in this build environment. Install torch first, then build without isolation:\n"
+    sys.exit("mhgd_fast is compiled against torch, but torch is not importable in this build "
+             "environment (a --no-build-isolation build, or a frontend that skipped the torch build "
+             "requirement of tools/build_backend.py). Install torch first:\n"
              "    pip install torch==2.14.1   # or torch==2.13.0 (CPU build)\n"
-             "    pip install --no-build-isolation .")
+             "    pip install .               # or: pip install --no-build-isolation .")
 
 
 SANITIZE = os.environ.get("MHGD_SANITIZE") == "1"
@@ -142,6 +144,8 @@ class BuildWithMeta(BuildExtension):
             "cxx_flags": CXX_FLAGS,
             "sanitize": SANITIZE,
             "nvcc_flags": NVCC_FLAGS if WITH_CUDA else None,
+            # Where it was built from: the version guard's rebuild command names it.
+            "source_dir": ROOT,
             "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         root = ROOT if self.inplace else self.build_lib

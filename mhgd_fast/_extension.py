@@ -10,6 +10,8 @@ import importlib
 import json
 import os
 import platform
+import shlex
+import sys
 from typing import Any, Dict, Optional
 
 import torch
@@ -30,16 +32,34 @@ def _read_meta() -> Optional[Dict[str, Any]]:
         return json.load(f)
 
 
+def rebuild_command(meta: Dict[str, Any]) -> str:
+    """The shell command that rebuilds the extension against the torch this interpreter imports.
+
+    --no-build-isolation compiles against this environment's torch itself (no second torch is
+    installed), --no-deps --force-reinstall rebuilds mhgd_fast alone, leaving torch as it is. The
+    source tree is the one recorded at build time when it is still there."""
+    source = meta.get("source_dir")
+    source = (shlex.quote(source) if source and os.path.exists(os.path.join(source, "setup.py"))
+              else "<mhgd_fast source directory>")
+    pip = f"{shlex.quote(sys.executable)} -m pip"
+    return (f'{pip} install "setuptools>=64" wheel ninja pybind11 && '
+            f"{pip} install --no-build-isolation --no-deps --force-reinstall {source}")
+
+
 def _load():
     meta = _read_meta()
     if meta is None:
-        return None, None, "not built (no _build_meta.json: install with `pip install --no-build-isolation .`)"
+        return None, None, "not built (no _build_meta.json: install with `pip install .`)"
     built, running = meta.get("torch_version"), torch.__version__
     if built != running:
+        # A torch C++ extension links against that torch's C++ API, which has no stable ABI across
+        # releases (nor across the CPU and CUDA builds of one): loading it under another torch
+        # fails with undefined symbols, or worse, so it is refused here.
         raise ExtensionVersionError(
             f"mhgd_fast's compiled extension was built against torch {built}, but torch {running} "
-            "is installed; rebuild it with `pip install --no-build-isolation --force-reinstall .` "
-            "(or `make install`)."
+            "is installed, and a C++ extension only loads under the torch it was compiled against. "
+            f"Rebuild it for torch {running} with\n    {rebuild_command(meta)}\n"
+            f"(or install torch {built} again)."
         )
     try:
         module = importlib.import_module("mhgd_fast._C")

@@ -52,6 +52,34 @@ def test_version_mismatch_names_both_versions(monkeypatch):
     assert "1.2.3" in str(info.value) and torch.__version__ in str(info.value)
 
 
+def test_version_mismatch_gives_the_rebuild_command(monkeypatch):
+    """The refusal says which command rebuilds for the running torch: this interpreter's pip,
+    without isolation (the installed torch itself), mhgd_fast alone, from the recorded source tree
+    (a placeholder when that tree is gone)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for source, expected in ((root, root), ("/nonexistent/src", "<mhgd_fast source directory>")):
+        meta = {"torch_version": "1.2.3", "backends": ["cpu"], "source_dir": source}
+        monkeypatch.setattr(_extension, "_read_meta", lambda: meta)
+        with pytest.raises(_extension.ExtensionVersionError) as info:
+            _extension._load()
+        message = str(info.value)
+        assert (f"{sys.executable} -m pip install --no-build-isolation --no-deps --force-reinstall "
+                f"{expected}") in message, message
+        assert f"Rebuild it for torch {torch.__version__}" in message and "install torch 1.2.3" in message
+
+
+def test_build_backend_pins_the_installed_torch():
+    """tools/build_backend.py asks for a torch of the installed version (no local label), so that
+    an isolated build compiles against the torch that will import the extension."""
+    script = ("import sys; sys.path.insert(0, 'tools'); import build_backend as b; "
+              "print(b.get_requires_for_build_wheel(), b.get_requires_for_build_sdist())")
+    done = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    pin = f"torch=={torch.__version__.split('+')[0]}"
+    assert done.stdout.strip() == f"{[pin]} {[pin]}", done.stdout
+
+
 def test_unbuilt_extension_leaves_reference_backend(monkeypatch):
     monkeypatch.setattr(_extension, "_read_meta", lambda: None)
     module, meta, problem = _extension._load()
