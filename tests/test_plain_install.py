@@ -17,7 +17,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.slow
 
