@@ -159,10 +159,10 @@ def _power_of_two_scales(fm: torch.Tensor) -> torch.Tensor:
     floating point, and the singular vectors do not change under scaling (their gradient takes the
     same factor, through the product)."""
     with torch.no_grad():
-        peak = fm.detach().reshape(fm.shape[0], -1).abs().amax(1).float()
-        exponent = torch.frexp(peak.double()).exponent
+        peak = fm.detach().reshape(fm.shape[0], -1).abs().amax(1).double()
+        exponent = torch.frexp(peak).exponent
         out_of_range = (peak > 0) & (exponent.abs() > _SAFE_EXPONENT)
-        scale = torch.where(out_of_range, torch.ldexp(torch.ones_like(peak, dtype=torch.float64), -exponent), 1.0)
+        scale = torch.where(out_of_range, torch.ldexp(torch.ones_like(peak), -exponent), 1.0)
     return scale.to(fm.dtype).view(-1, *([1] * (fm.dim() - 1)))
 
 
