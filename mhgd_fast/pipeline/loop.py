@@ -109,9 +109,6 @@ def evaluate(model: nn.Module, loader: BatchLoader, autocast: Optional[Callable]
     return loss_sum / count, 100.0 * correct / count
 
 
-_any_rank = any_rank  # True on every process when it is true on any (keeps the processes in step)
-
-
 def _nonfinite_report(bad: dict) -> str:
     """The non-finite losses, by process under DDP: the same text on every process."""
     describe = lambda losses: ", ".join(f"{k}={v}" for k, v in losses.items())  # noqa: E731
@@ -246,7 +243,7 @@ def _run_phase(phase: Phase, loader: BatchLoader, ctx: RunContext, where: dict) 
                        disable=not (ctx.progress and ctx.main), leave=False, dynamic_ncols=True)
             tick = time.perf_counter()
             for x, y in loader.batches(epoch, step):
-                if _any_rank(stop.requested):
+                if any_rank(stop.requested):
                     totals["seconds"] += time.perf_counter() - tick
                     bar.close()
                     _save(ctx, phase, {"epoch": epoch, "step": step, "totals": totals, "summary": summary})
@@ -257,7 +254,7 @@ def _run_phase(phase: Phase, loader: BatchLoader, ctx: RunContext, where: dict) 
                 x = faults.before_step(epoch, step, x)
                 logits, losses = phase.forward(epoch, step, x, y)
                 bad = {k: float(v.detach()) for k, v in losses.items() if not math.isfinite(float(v.detach()))}
-                if _any_rank(bool(bad)):
+                if any_rank(bool(bad)):
                     bar.close()
                     kept = _kept_checkpoint(path)
                     raise NonFiniteLossError(
