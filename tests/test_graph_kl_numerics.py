@@ -267,6 +267,36 @@ def test_saved_statistics_rebuild_the_probabilities(backend):
     check_case(backend, inputs, None, 0.5, "student_teacher", "none", exact_logits=True, what="saved stats")
 
 
+def cross_overflow_inputs(dtype, direction, h=1, n=5, m=800, seed=11):
+    """The deep fuzz's last finding: the KL's weighting side uniform (its logits exactly 0) and the
+    other side's logits near the dtype's range over many columns. Each of the M terms
+    e^a·(a − b) of the cross sum is then of the logits' range, and their unscaled sum overflowed
+    (bf16, M = 800, logits ±1e37: inf where the KL is ~1e37). Products are exact: small integers
+    times a power of two."""
+    exponent = {torch.float64: 1020}.get(dtype, 124)  # logits up to 6·2^exponent·scale, a range of twice that
+    gen = torch.Generator().manual_seed(seed)
+    ints = lambda *shape, bound: torch.randint(-bound, bound + 1, shape, generator=gen).double()  # noqa: E731
+    huge_q, huge_k = ints(h, n, 2, bound=3) * 2.0 ** exponent, ints(h, m, 2, bound=1)
+    flat_q, flat_k = torch.zeros(h, n, 2, dtype=torch.float64), ints(h, m, 2, bound=1)
+    sides = [(flat_q, flat_k), (huge_q, huge_k)]  # (weighting side, other side)
+    if direction == "teacher_student":  # KL(P_t || P_s): the teacher's P weights the terms, not the student's
+        sides.reverse()
+    (q_s, k_s), (q_t, k_t) = sides
+    return [t.to(dtype) for t in (q_s, k_s, q_t, k_t)]
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_cross_sum_of_many_huge_terms_stays_finite(backend, dtype, direction, reduction):
+    inputs = cross_overflow_inputs(DTYPES[dtype], direction)
+    exact_rows = exact_result(inputs, None, 0.5, direction, torch.zeros(inputs[0].shape[:2]))[0]
+    m, big = inputs[1].shape[1], torch.finfo(ref.compute_dtype(DTYPES[dtype])).max
+    assert exact_rows.abs().max() * m > big > exact_rows.abs().max(), "the case must overflow an unscaled sum"
+    check_case(backend, inputs, None, 0.5, direction, reduction, exact_logits=True, what=f"cross overflow {dtype}")
+
+
 # ---------------------------------------------------------------- the CUDA kernels, simulated
 
 # The simulator is slow: the small exact cases, plus rows of 2 and 70 columns (lanes holding up
@@ -307,6 +337,19 @@ def test_simulated_cuda_kernels_accurate_at_any_logit_size(graph_kl_sim, case, d
     _, same_grads = run_kernel("reference", inputs, squash, scale, direction, "none", weights)
     check_grads([g.to(DTYPES[dtype]) for g in grads], exact_grads, same_grads, inputs, exact_rows, weights, scale,
                 name)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_simulated_cuda_cross_sum_stays_finite(graph_kl_sim, dtype, direction, tmp_path):
+    """The cross-overflow case on the kernels: 100 columns, 3 or 4 per lane, merged across the warp."""
+    inputs = cross_overflow_inputs(DTYPES[dtype], direction, n=3, m=100)
+    assert exact_result(inputs, None, 0.5, direction, torch.zeros(1, 3))[0].abs().max() * 100 > torch.finfo(
+        DTYPES[dtype]).max, "the case must overflow an unscaled sum"
+    weights = torch.randn(1, 3, dtype=torch.float64).to(DTYPES[dtype]).double()
+    exact_rows, _ = exact_result(inputs, None, 0.5, direction, weights)
+    rows, _ = simulated(graph_kl_sim, inputs, None, 0.5, direction, weights, tmp_path)
+    check_values(rows, exact_rows, inputs, 0.5, None, "none", exact_logits=True, what=f"cross overflow {dtype}")
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f64"])

@@ -30,6 +30,15 @@ T horizontal_sum(const Vec<T>& v) {
   return sum;
 }
 
+// 2^-ceil(log2 cols): scaling each cross term by it keeps the sum of cols terms, each at most the
+// logits' range, within the range itself, and is exact (a power of two) short of subnormals.
+template <typename T>
+T cross_scale(int64_t cols) {
+  int e = 0;
+  while ((int64_t{1} << e) < cols) ++e;
+  return std::ldexp(T(1), -e);
+}
+
 template <typename T>
 T squash_scalar(T x, T scale, bool squash_tanh) {
   return squash_tanh ? std::tanh(scale * x) : scale * x;
@@ -60,6 +69,11 @@ template <typename T>
 void kl_rows(const T* s, const T* t, int64_t rows, int64_t cols, bool teacher_student, T* kl, T* stats_s,
              T* stats_t, T* p_s, T* p_t) {
   const int64_t vec_end = cols - cols % Vec<T>::size();
+  // The cross term is accumulated scaled by c = 2^-ceil(log2 cols) and divided by c * sum at the
+  // end: unscaled, cols terms of the logits' range overflow (float32 logits of 1e37 in 800
+  // columns gave inf where the KL is finite); c * sum <= 1 and the division is unchanged.
+  const T c = cross_scale<T>(cols);
+  const Vec<T> vc(c);
   for (int64_t i = 0; i < rows; ++i) {
     const T* si = s + i * cols;
     const T* ti = t + i * cols;
@@ -74,7 +88,7 @@ void kl_rows(const T* s, const T* t, int64_t rows, int64_t cols, bool teacher_st
       max_s = std::max(max_s, si[j]);
       max_t = std::max(max_t, ti[j]);
     }
-    // sum_s = Σ e^a, sum_t = Σ e^b; cross = Σ e^a (a - b) (or Σ e^b (b - a) for teacher_student).
+    // sum_s = Σ e^a, sum_t = Σ e^b; cross = c Σ e^a (a - b) (or c Σ e^b (b - a) for teacher_student).
     const Vec<T> vms(max_s), vmt(max_t);
     Vec<T> vsum_s(0), vsum_t(0), vcross(0);
     for (j = 0; j < vec_end; j += Vec<T>::size()) {
@@ -86,7 +100,7 @@ void kl_rows(const T* s, const T* t, int64_t rows, int64_t cols, bool teacher_st
       }
       vsum_s = vsum_s + es;
       vsum_t = vsum_t + et;
-      vcross = teacher_student ? at::vec::fmadd(et, vb - va, vcross) : at::vec::fmadd(es, va - vb, vcross);
+      vcross = teacher_student ? at::vec::fmadd(et, (vb - va) * vc, vcross) : at::vec::fmadd(es, (va - vb) * vc, vcross);
     }
     T sum_s = horizontal_sum(vsum_s), sum_t = horizontal_sum(vsum_t), cross = horizontal_sum(vcross);
     for (; j < cols; ++j) {
@@ -98,7 +112,7 @@ void kl_rows(const T* s, const T* t, int64_t rows, int64_t cols, bool teacher_st
       }
       sum_s += es;
       sum_t += et;
-      cross += teacher_student ? et * (b - a) : es * (a - b);
+      cross += teacher_student ? et * ((b - a) * c) : es * ((a - b) * c);
     }
     if (p_s) {  // normalise the stored exponentials into the rows' probabilities
       const T inv_s = T(1) / sum_s, inv_t = T(1) / sum_t;
@@ -112,7 +126,8 @@ void kl_rows(const T* s, const T* t, int64_t rows, int64_t cols, bool teacher_st
     stats_s[2 * i + 1] = log_sum_s;
     stats_t[2 * i] = max_t;
     stats_t[2 * i + 1] = log_sum_t;
-    kl[i] = teacher_student ? cross / sum_t + (log_sum_s - log_sum_t) : cross / sum_s + (log_sum_t - log_sum_s);
+    kl[i] = teacher_student ? cross / (c * sum_t) + (log_sum_s - log_sum_t)
+                            : cross / (c * sum_s) + (log_sum_t - log_sum_s);
   }
 }
 

@@ -69,28 +69,38 @@ __device__ __forceinline__ void load_vector(T* dst, const T* __restrict__ src, i
 // (s for KL(P_s || P_t)) and y the other, both shifted by their running maxima. The KL is then
 // cross / sum_x + log sum_y - log sum_x, whose terms are as small as the KL itself (plus
 // log M); the unshifted sum_j P_x (x_j - y_j) + lse_y - lse_x cancels terms of the logits' size.
+// The cross term is held scaled by c = 2^-ceil(log2 M) (cross_scale) and divided by c * sum_x at
+// the end: unscaled, M terms of the logits' range overflow (float32 logits of 1e37 in 800
+// columns gave inf where the KL is finite); the power of two is exact and c * sum_x <= 1.
 template <typename T>
 struct OnlineStats {
   T max_s, sum_s, max_t, sum_t, cross;
 };
 
-// The cross term moved to raised maxima: each held difference (x - max_x) - (y - max_y) shifts by
-// the rise of max_y minus the rise of max_x, each weight (summing to sum_x) scales by rescale_x =
-// e^{-rise_x}. Nothing held yet (sum_x = 0, maxima -inf, rises inf): stays 0.
 template <typename T>
-__device__ __forceinline__ T rebase_cross(T cross, T sum_x, T rescale_x, T rise_x, T rise_y) {
-  return sum_x > T(0) ? rescale_x * (cross + (rise_y - rise_x) * sum_x) : cross;
+__device__ __forceinline__ T cross_scale(int64_t cols) {
+  T c = 1;
+  for (int64_t m = 1; m < cols; m <<= 1) c *= T(0.5);
+  return c;
+}
+
+// The (c-scaled) cross term moved to raised maxima: each held difference (x - max_x) - (y - max_y)
+// shifts by the rise of max_y minus the rise of max_x, each weight (summing to sum_x) scales by
+// rescale_x = e^{-rise_x}. Nothing held yet (sum_x = 0, maxima -inf, rises inf): stays 0.
+template <typename T>
+__device__ __forceinline__ T rebase_cross(T cross, T sum_x, T rescale_x, T rise_x, T rise_y, T c) {
+  return sum_x > T(0) ? rescale_x * (cross + ((rise_y - rise_x) * c) * sum_x) : cross;
 }
 
 template <typename T>
-__device__ __forceinline__ void online_update(OnlineStats<T>& st, T s, T t, bool teacher_student) {
+__device__ __forceinline__ void online_update(OnlineStats<T>& st, T s, T t, bool teacher_student, T c) {
   const T new_max_s = st.max_s > s ? st.max_s : s, new_max_t = st.max_t > t ? st.max_t : t;
   const T rise_s = new_max_s - st.max_s, rise_t = new_max_t - st.max_t;
   const T rescale_s = dev_exp(-rise_s), rescale_t = dev_exp(-rise_t);
   const T a = s - new_max_s, b = t - new_max_t;
   const T es = dev_exp(a), et = dev_exp(b);
-  st.cross = teacher_student ? rebase_cross(st.cross, st.sum_t, rescale_t, rise_t, rise_s) + et * (b - a)
-                             : rebase_cross(st.cross, st.sum_s, rescale_s, rise_s, rise_t) + es * (a - b);
+  st.cross = teacher_student ? rebase_cross(st.cross, st.sum_t, rescale_t, rise_t, rise_s, c) + et * ((b - a) * c)
+                             : rebase_cross(st.cross, st.sum_s, rescale_s, rise_s, rise_t, c) + es * ((a - b) * c);
   st.sum_s = st.sum_s * rescale_s + es;
   st.sum_t = st.sum_t * rescale_t + et;
   st.max_s = new_max_s;
@@ -110,11 +120,12 @@ __global__ void graph_kl_forward(const GraphKLArgs<T> a) {
   load_vector(qt, a.q_t + row * a.dim, a.dim, lane);
   __syncwarp();
   OnlineStats<T> st{neg_infinity<T>(), T(0), neg_infinity<T>(), T(0), T(0)};
+  const T c = cross_scale<T>(a.cols);
   for (int64_t j = lane; j < a.cols; j += 32) {
     const int64_t col = (h * a.cols + j) * a.dim;
     const T s = squash(dot(qs, a.k_s + col, a.dim), a.scale, a.squash_tanh);
     const T t = squash(dot(qt, a.k_t + col, a.dim), a.scale, a.squash_tanh);
-    online_update(st, s, t, a.teacher_student);
+    online_update(st, s, t, a.teacher_student, c);
   }
   // Merge the lanes: rebase each lane's sums and cross term to the warp's maxima (lanes with no
   // column hold max = -inf and sums 0, and contribute 0).
@@ -122,8 +133,8 @@ __global__ void graph_kl_forward(const GraphKLArgs<T> a) {
   const T rise_s = max_s - st.max_s, rise_t = max_t - st.max_t;
   const T rescale_s = dev_exp(-rise_s), rescale_t = dev_exp(-rise_t);
   const T sum_s = warp_reduce(st.sum_s * rescale_s, SumOp()), sum_t = warp_reduce(st.sum_t * rescale_t, SumOp());
-  const T cross = warp_reduce(a.teacher_student ? rebase_cross(st.cross, st.sum_t, rescale_t, rise_t, rise_s)
-                                                : rebase_cross(st.cross, st.sum_s, rescale_s, rise_s, rise_t),
+  const T cross = warp_reduce(a.teacher_student ? rebase_cross(st.cross, st.sum_t, rescale_t, rise_t, rise_s, c)
+                                                : rebase_cross(st.cross, st.sum_s, rescale_s, rise_s, rise_t, c),
                               SumOp());
   if (lane == 0) {
     const T log_sum_s = dev_log(sum_s), log_sum_t = dev_log(sum_t);
@@ -131,7 +142,8 @@ __global__ void graph_kl_forward(const GraphKLArgs<T> a) {
     a.stats_s[2 * row + 1] = log_sum_s;
     a.stats_t[2 * row] = max_t;
     a.stats_t[2 * row + 1] = log_sum_t;
-    a.kl[row] = a.teacher_student ? cross / sum_t + (log_sum_s - log_sum_t) : cross / sum_s + (log_sum_t - log_sum_s);
+    a.kl[row] = a.teacher_student ? cross / (c * sum_t) + (log_sum_s - log_sum_t)
+                                  : cross / (c * sum_s) + (log_sum_t - log_sum_s);
   }
 }
 
