@@ -3,6 +3,7 @@
 // fake (meta) kernels and autograd formulas in mhgd_fast/_torch_ops.py.
 #include <torch/extension.h>
 
+#include "limits.h"
 #include "mhgd_fast.h"
 
 TORCH_LIBRARY(mhgd_fast, m) {
@@ -71,9 +72,17 @@ pybind11::dict compile_info() {
   return info;
 }
 
+pybind11::dict size_limits() {
+  pybind11::dict info;
+  info["cuda_topk_max_k"] = mhgd_fast::limits::kCudaTopkMaxK;
+  info["cuda_topk_max_n"] = mhgd_fast::limits::kCudaTopkMaxN;
+  return info;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mhgd_fast compiled kernels (ops are registered under torch.ops.mhgd_fast)";
   m.def("compile_info", &compile_info, "Facts fixed when the extension was compiled");
+  m.def("limits", &size_limits, "The kernels' size limits (csrc/limits.h)");
 }

@@ -74,6 +74,12 @@ def _load():
 _C, _META, _LOAD_PROBLEM = _load()
 
 
+def limits() -> Dict[str, int]:
+    """The kernels' size limits as compiled (csrc/limits.h): ``cuda_topk_max_k``, ``cuda_topk_max_n``.
+    Empty when the extension is not built (no kernel to limit)."""
+    return dict(_C.limits()) if _C is not None else {}
+
+
 def compiled_backends() -> tuple:
     """Device backends whose kernels are compiled in (whether or not the device is present)."""
     return tuple(_META["backends"]) if _META else ()

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from . import reference
+from . import _extension, reference
 from ._validation import (check_all_finite, check_choice, check_dim, check_float_tensor,
                           check_same, check_scale)
 from .backends import resolve
@@ -20,10 +20,9 @@ __all__ = ["graph_kl", "attention_graph", "topk_singular_vectors", "align_singul
 SQUASHES = (None, "tanh")
 DIRECTIONS = ("student_teacher", "teacher_student")
 REDUCTIONS = ("sum", "mean", "none")
-# Sizes the CUDA topk_singular_vectors kernel takes (csrc/cuda/topk_singular_vectors_cuda.cu);
-# larger ones run the reference on the same device. The CPU kernel takes every size.
-CUDA_TOPK_MAX_K = 8
-CUDA_TOPK_MAX_N = 2048
+# Sizes the CUDA topk_singular_vectors kernel takes, as compiled (csrc/limits.h); larger ones run
+# the reference on the same device. The CPU kernel takes every size.
+_LIMITS = _extension.limits()
 
 
 def _check_heads(q_name, q, k_name, k) -> None:
@@ -127,7 +126,7 @@ def topk_singular_vectors(fm: torch.Tensor, k: int, *, eps: Optional[float] = No
         raise ValueError(f"eps must be a number in [0, 1), got {eps!r}")
     impl = resolve("topk_singular_vectors", backend, fm.device)
     n = reference.gram_size(fm.shape)
-    if impl == "cuda" and (k > CUDA_TOPK_MAX_K or n > CUDA_TOPK_MAX_N):
+    if impl == "cuda" and (k > _LIMITS["cuda_topk_max_k"] or n > _LIMITS["cuda_topk_max_n"]):
         impl = "reference"  # beyond the one-block-per-sample kernel's sizes (documented)
     # One threshold for every backend (the default depends on the dtype and the Gram's size).
     eps = reference.default_eps(fm.dtype, n) if eps is None else float(eps)

@@ -45,6 +45,17 @@ def test_build_info_reports_what_was_compiled():
         assert "cuda" not in mf.available_backends()
 
 
+@compiled
+def test_limits_come_from_the_one_cpp_definition():
+    """Python reads the kernels' size limits from the extension; they are those of csrc/limits.h."""
+    import re
+    header = open(os.path.join(os.path.dirname(__file__), "..", "csrc", "limits.h")).read()
+    defined = {name: int(value) for name, value in re.findall(r"constexpr int64_t k(\w+) = (\d+);", header)}
+    assert defined == {"CudaTopkMaxK": 8, "CudaTopkMaxN": 2048}
+    assert _extension.limits() == {"cuda_topk_max_k": defined["CudaTopkMaxK"],
+                                   "cuda_topk_max_n": defined["CudaTopkMaxN"]}
+
+
 def test_version_mismatch_names_both_versions(monkeypatch):
     monkeypatch.setattr(_extension, "_read_meta", lambda: {"torch_version": "1.2.3", "backends": ["cpu"]})
     with pytest.raises(ImportError) as info:

@@ -20,7 +20,7 @@ namespace mhgd_fast {
 namespace {
 
 using at::Tensor;
-constexpr int64_t kTopkMaxN = 2048;
+constexpr int64_t kTopkMaxN = limits::kCudaTopkMaxN;
 
 void check_size(int64_t batch, int64_t n, int64_t kk) {
   TORCH_CHECK(kk <= cuda_kernels::kTopkMaxK && n <= kTopkMaxN, "topk_singular_vectors (CUDA): k ≤ ", cuda_kernels::kTopkMaxK,

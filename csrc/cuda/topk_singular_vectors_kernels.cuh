@@ -14,14 +14,15 @@
 
 #include <device_common.cuh>
 
+#include "../limits.h"
 #include "../tridiagonal.h"
 
 namespace mhgd_fast {
 namespace cuda_kernels {
 
 constexpr int kTopkThreads = 128;
-// Largest k the kernels take (the solve keeps two flags per column in shared memory).
-constexpr int64_t kTopkMaxK = 8;
+// Largest k the kernels take (csrc/limits.h).
+constexpr int64_t kTopkMaxK = ::mhgd_fast::limits::kCudaTopkMaxK;
 // Pairs beyond the top kk whose couplings are dropped that the fast solve handles (as on the CPU).
 constexpr int kTopkMaxDropped = ::mhgd_fast::tridiagonal::kMaxDropped;
 
