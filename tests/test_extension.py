@@ -79,6 +79,7 @@ def test_version_mismatch_gives_the_rebuild_command(monkeypatch):
         assert f"Rebuild it for torch {torch.__version__}" in message and "install torch 1.2.3" in message
 
 
+@pytest.mark.subprocess
 def test_build_backend_pins_the_installed_torch():
     """tools/build_backend.py asks for a torch of the installed version (no local label), so that
     an isolated build compiles against the torch that will import the extension."""
@@ -226,6 +227,7 @@ def test_fused_graph_kl_refuses_double_backward():
         torch.autograd.grad(loss, inputs[0], create_graph=True)
 
 
+@pytest.mark.subprocess
 @compiled
 def test_generic_cpu_path_matches(tmp_path):
     """The portable (non-AVX2) kernels (graph-KL row math, Householder reduction), forced by

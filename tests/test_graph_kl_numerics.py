@@ -322,6 +322,7 @@ def simulated(binary, inputs, squash, scale, direction, weights, tmp_path):
     return got["kl"], (got["dq_s"], got["dk_s"], got["dq_t"], got["dk_t"])
 
 
+@pytest.mark.simulator
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("case", SIM_CASES, ids=[c[0] for c in SIM_CASES])
 def test_simulated_cuda_kernels_accurate_at_any_logit_size(graph_kl_sim, case, direction, tmp_path):
@@ -337,6 +338,7 @@ def test_simulated_cuda_kernels_accurate_at_any_logit_size(graph_kl_sim, case, d
                 name)
 
 
+@pytest.mark.simulator
 @pytest.mark.parametrize("dtype", ["f32", "f64"])
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_simulated_cuda_cross_sum_stays_finite(graph_kl_sim, dtype, direction, tmp_path):
@@ -350,6 +352,7 @@ def test_simulated_cuda_cross_sum_stays_finite(graph_kl_sim, dtype, direction, t
     check_values(rows, exact_rows, inputs, 0.5, None, "none", exact_logits=True, what=f"cross overflow {dtype}")
 
 
+@pytest.mark.simulator
 @pytest.mark.parametrize("dtype", ["f32", "f64"])
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_simulated_cuda_one_column_is_exactly_zero(graph_kl_sim, dtype, direction, tmp_path):

@@ -166,6 +166,7 @@ def host_forward(fm, k, eps, state):
     return out, e * mask, valid
 
 
+@pytest.mark.simulator
 @needs_simt
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", [(kind, c, hw, k) for kind in ("r1", "r2", "repeated")

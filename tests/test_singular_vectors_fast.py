@@ -1,8 +1,9 @@
-"""The compiled topk_singular_vectors fast path (MHGD_SPEC.md §3; issue 5 item 2).
+"""The compiled topk_singular_vectors kernels, cpu and cuda (MHGD_SPEC.md §3).
 
 Accuracy is judged against a float64 SVD / the float64 reference: |cos| ≥ 0.99999 for every
 vector whose relative gap (σ_i − σ_{i+1})/σ_1 and (σ_{i−1} − σ_i)/σ_1 is ≥ 1e-3, and gradients
-within 1e-3 relative on such inputs. Both Gram routes (HW ≥ C: XᵀX; HW < C: XXᵀ) are covered,
+within the dtype's ``TOLERANCES[dtype].rtol`` relative on such inputs (1e-3 for float32, 1e-8 for
+float64). Both Gram routes (HW ≥ C: XᵀX; HW < C: XXᵀ) are covered,
 with Grams large enough (n ≥ 32) for the CPU's block-split Gram GEMMs.
 """
 import pytest
