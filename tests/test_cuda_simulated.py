@@ -130,6 +130,7 @@ def run_resource_check(output, *headers):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.nvcc
 @pytest.mark.subprocess
 @needs_nvcc

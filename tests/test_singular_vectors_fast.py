@@ -242,6 +242,7 @@ def test_opcheck_topk_singular_vectors_backward():
                               (torch.randn(2, k, c, dtype=torch.float64), fm, *saved, k, 1.5e-8))
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_topk_singular_vectors():
     def loss_fn(fm, w):
         return (mf.ops.topk_singular_vectors(fm, 4, backend="cpu") * w).sum()
