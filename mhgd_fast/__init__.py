@@ -10,8 +10,7 @@ Public contract (MHGD_SPEC.md §8)::
 __version__ = "0.1.0"
 
 from ._extension import ExtensionVersionError, build_info  # noqa: E402  (needs __version__)
-from . import _torch_ops  # noqa: E402,F401  registers fake kernels and autograd of the compiled ops
-from . import ops, reference  # noqa: E402
+from . import ops, reference  # noqa: E402  (ops registers the compiled ops' fake kernels and autograd)
 from .backends import BackendUnavailableError, available_backends  # noqa: E402
 from .balancing import balanced_backward, clip_by_norm, transfer_clip_factor, weighted_backward  # noqa: E402
 from .module import MHGD  # noqa: E402

@@ -1,16 +1,25 @@
 """Public ops of MHGD_SPEC.md §8: validated, then dispatched to a backend.
 
-``backend="auto"`` takes the compiled kernel for the tensors' device when that op has one, else
-the pure-PyTorch reference. Naming a backend that cannot run raises
-:class:`~mhgd_fast.backends.BackendUnavailableError`.
+``backend="auto"`` takes the compiled kernel for the tensors' device, else the pure-PyTorch
+reference (:func:`~mhgd_fast.backends.resolve`). Naming a backend that cannot run raises
+:class:`~mhgd_fast.backends.BackendUnavailableError`. ``align_singular_vectors`` has no compiled
+kernel and no ``backend`` argument: it is the reference's float64 maths on any device.
+
+Each op's section holds its Python wrapper and, right after it, what makes its compiled
+``torch.ops.mhgd_fast.*`` ops (declared and implemented in ``csrc/``) whole on the Python side:
+fake (meta) kernels, so that they trace under ``torch.compile(fullgraph=True)`` and pass
+``torch.library.opcheck``, and the autograd formulas. They are registered when this module is
+imported (``import mhgd_fast`` does), and not at all without the extension, which declares the ops.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
 from . import _extension, reference
+from .reference import compute_dtype
 from ._validation import (check_all_finite, check_choice, check_dim, check_float_tensor,
                           check_same, check_scale)
 from .backends import resolve
@@ -33,6 +42,51 @@ def _check_heads(q_name, q, k_name, k) -> None:
     if k.shape[1] == 0:
         raise ValueError(f"{k_name} has no columns (M = 0): a graph row needs at least one column")
 
+
+# ------------------------------------------------------------------------------- attention_graph
+
+def attention_graph(q: torch.Tensor, k: torch.Tensor, *, squash: Optional[str] = None,
+                    scale: float = 1.0, backend: str = "auto") -> torch.Tensor:
+    """``[H, N, d], [H, M, d] -> [H, N, M]``: ``softmax_j(squash(scale·q kᵀ))`` (§4).
+
+    float16/bfloat16 inputs accumulate in float32; the result has the input dtype.
+    """
+    _check_heads("q", q, "k", k)
+    check_same(("q", "k"), (q, k))
+    check_choice("squash", squash, SQUASHES)
+    scale = check_scale(scale)
+    impl = resolve("attention_graph", backend, q.device)
+    if impl == "reference":
+        return reference.attention_graph(q, k, squash, scale)
+    return torch.ops.mhgd_fast.attention_graph(q, k, squash == "tanh", scale)
+
+
+# Fake kernels and autograd of the compiled attention_graph.
+if _extension._C is not None:
+
+    @torch.library.register_fake("mhgd_fast::attention_graph")
+    def _attention_graph_fake(q, k, squash_tanh, scale):
+        return q.new_empty(q.shape[0], q.shape[1], k.shape[1])
+
+    @torch.library.register_fake("mhgd_fast::attention_graph_backward")
+    def _attention_graph_backward_fake(grad, q, k, squash_tanh, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape)
+
+    def _attention_graph_setup(ctx, inputs, output):
+        q, k, squash_tanh, scale = inputs
+        ctx.save_for_backward(q, k)
+        ctx.squash_tanh, ctx.scale = squash_tanh, scale
+
+    def _attention_graph_backward(ctx, grad):
+        q, k = ctx.saved_tensors
+        dq, dk = torch.ops.mhgd_fast.attention_graph_backward(grad, q, k, ctx.squash_tanh, ctx.scale)
+        return dq, dk, None, None
+
+    torch.library.register_autograd("mhgd_fast::attention_graph", _attention_graph_backward,
+                                    setup_context=_attention_graph_setup)
+
+
+# -------------------------------------------------------------------------------------- graph_kl
 
 def graph_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, *,
              squash: Optional[str] = "tanh", scale: float = 1.0,
@@ -87,21 +141,62 @@ def graph_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch
     return {"none": rows, "sum": rows.sum(), "mean": rows.mean()}[reduction]
 
 
-def attention_graph(q: torch.Tensor, k: torch.Tensor, *, squash: Optional[str] = None,
-                    scale: float = 1.0, backend: str = "auto") -> torch.Tensor:
-    """``[H, N, d], [H, M, d] -> [H, N, M]``: ``softmax_j(squash(scale·q kᵀ))`` (§4).
+# Fake kernels and autograd of the compiled graph_kl (row, backward and fused ops).
+if _extension._C is not None:
 
-    float16/bfloat16 inputs accumulate in float32; the result has the input dtype.
-    """
-    _check_heads("q", q, "k", k)
-    check_same(("q", "k"), (q, k))
-    check_choice("squash", squash, SQUASHES)
-    scale = check_scale(scale)
-    impl = resolve("attention_graph", backend, q.device)
-    if impl == "reference":
-        return reference.attention_graph(q, k, squash, scale)
-    return torch.ops.mhgd_fast.attention_graph(q, k, squash == "tanh", scale)
+    def _rows_like(q_s, *trailing):
+        return q_s.new_empty(*q_s.shape[:2], *trailing, dtype=compute_dtype(q_s.dtype))
 
+    @torch.library.register_fake("mhgd_fast::graph_kl")
+    def _graph_kl_fake(q_s, k_s, q_t, k_t, squash_tanh, scale, teacher_student):
+        # kl [H, N]; per side [H, N, 2]: each row's logit max and log Σ exp(logit − max).
+        return _rows_like(q_s), _rows_like(q_s, 2), _rows_like(q_s, 2)
+
+    @torch.library.register_fake("mhgd_fast::graph_kl_backward")
+    def _graph_kl_backward_fake(grad_rows, q_s, k_s, q_t, k_t, kl, stats_s, stats_t, squash_tanh, scale,
+                                teacher_student, grad_mask):
+        return tuple(x.new_empty(x.shape) for x in (q_s, k_s, q_t, k_t))
+
+    @torch.library.register_fake("mhgd_fast::graph_kl_fused")
+    def _graph_kl_fused_fake(q_s, k_s, q_t, k_t, squash_tanh, scale, teacher_student, mean, grad_mask):
+        loss = q_s.new_empty((), dtype=compute_dtype(q_s.dtype))
+        return (loss,) + tuple(x.new_empty(x.shape, dtype=compute_dtype(x.dtype)) for x in (q_s, k_s, q_t, k_t))
+
+    def _graph_kl_setup(ctx, inputs, output):
+        q_s, k_s, q_t, k_t, squash_tanh, scale, teacher_student = inputs
+        kl, stats_s, stats_t = output
+        ctx.mark_non_differentiable(stats_s, stats_t)
+        ctx.save_for_backward(q_s, k_s, q_t, k_t, kl, stats_s, stats_t)
+        ctx.options = (squash_tanh, scale, teacher_student)
+
+    def _graph_kl_backward(ctx, grad_kl, grad_stats_s, grad_stats_t):
+        mask = list(ctx.needs_input_grad[:4])
+        grads = torch.ops.mhgd_fast.graph_kl_backward(grad_kl, *ctx.saved_tensors, *ctx.options, mask)
+        return tuple(g if needed else None for g, needed in zip(grads, mask)) + (None,) * 3
+
+    torch.library.register_autograd("mhgd_fast::graph_kl", _graph_kl_backward, setup_context=_graph_kl_setup)
+
+    def _graph_kl_fused_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(*output[1:])
+        ctx.grad_mask = inputs[-1]
+        ctx.dtypes = [t.dtype for t in inputs[:4]]
+
+    def _graph_kl_fused_backward(ctx, grad_loss, *unused):
+        if torch.is_grad_enabled():
+            # The saved gradients are constants: a second derivative through them would be wrong.
+            raise RuntimeError("mhgd_fast graph_kl (fused CPU/CUDA kernel) does not support double "
+                               "backward; use backend='reference' for higher-order gradients")
+        # Scaled in the accumulation dtype, then rounded to the input's (AMP's loss scale included).
+        grads = tuple((grad_loss * g).to(dtype) if needed else None
+                      for g, needed, dtype in zip(ctx.saved_tensors, ctx.grad_mask, ctx.dtypes))
+        return grads + (None,) * 5
+
+    torch.library.register_autograd("mhgd_fast::graph_kl_fused", _graph_kl_fused_backward,
+                                    setup_context=_graph_kl_fused_setup)
+
+
+# ------------------------------------------------------------------------- topk_singular_vectors
 
 def topk_singular_vectors(fm: torch.Tensor, k: int, *, eps: Optional[float] = None,
                           backend: str = "auto") -> torch.Tensor:
@@ -175,10 +270,53 @@ def _may_have_underflowed(fm: torch.Tensor, out: torch.Tensor) -> bool:
     return bool((fm.detach()[empty] != 0).any())
 
 
+# Fake kernels and autograd of the compiled topk_singular_vectors.
+if _extension._C is not None:
+
+    @torch.library.register_fake("mhgd_fast::topk_singular_vectors")
+    def _topk_singular_vectors_fake(fm, k, eps, save_state=True):
+        batch, c = fm.shape[0], fm.shape[1]
+        n = torch.sym_min(math.prod(fm.shape[2:]), c)
+        kk = torch.sym_min(k, n)
+        f64 = dict(dtype=torch.float64)
+        if not save_state:
+            return (fm.new_empty(batch, k, c),) + tuple(fm.new_empty(0, **f64) for _ in range(4))
+        return (fm.new_empty(batch, k, c), fm.new_empty(batch, n, n, **f64), fm.new_empty(batch, 3, n, **f64),
+                fm.new_empty(batch, n, kk, **f64), fm.new_empty(batch, torch.sym_min(n, kk + 1), **f64))
+
+    @torch.library.register_fake("mhgd_fast::topk_singular_vectors_backward")
+    def _topk_singular_vectors_backward_fake(grad, fm, householder, tridiagonal, gram_vectors, eigenvalues, k, eps):
+        return torch.empty_like(fm)
+
+    def _topk_singular_vectors_setup(ctx, inputs, output):
+        fm, k, eps = inputs[:3]
+        ctx.mark_non_differentiable(*output[1:])
+        # No zero gradients for the saved state (the Householder factors alone are B·n²·8 bytes).
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(fm, *output[1:])
+        ctx.k, ctx.eps = k, eps
+
+    def _topk_singular_vectors_backward(ctx, grad, *_saved_state_grads):
+        # Only `vectors` is an output of the public op; the others are saved state.
+        if grad is None:
+            return None, None, None, None
+        grad_fm = torch.ops.mhgd_fast.topk_singular_vectors_backward(grad, *ctx.saved_tensors, ctx.k, ctx.eps)
+        return grad_fm, None, None, None
+
+    torch.library.register_autograd("mhgd_fast::topk_singular_vectors", _topk_singular_vectors_backward,
+                                    setup_context=_topk_singular_vectors_setup)
+
+
+# ------------------------------------------------------------------------ align_singular_vectors
+
 def align_singular_vectors(v_s: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
     """``[B, ks, C], [B, C] -> [B, C]``: per sample, the student vector with the largest |cosine|
     to the teacher's vector (first on ties), times that cosine's sign (+1 when 0). The gradient
-    flows through the picked student vector only."""
+    flows through the picked student vector only.
+
+    Reference-only, by design: there is no compiled kernel and no ``backend`` argument. The work is
+    B·ks·C products, a gather and a sign, done by PyTorch on the inputs' device; the cosines are
+    taken in float64 so that tiny or huge vectors cannot flip the sign."""
     check_float_tensor("v_s", v_s, ndim=3, layout="[B, ks, C]")
     check_float_tensor("v_t", v_t, ndim=2, layout="[B, C]")
     check_same(("v_s", "v_t"), (v_s, v_t))
@@ -186,4 +324,4 @@ def align_singular_vectors(v_s: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor
     check_dim("v_t", v_t, 1, v_s.shape[2], "channel count (dim 1, must match v_s dim 2)")
     if v_s.shape[1] == 0:
         raise ValueError("v_s has no candidate vectors (ks = 0)")
-    return reference.align_singular_vectors(v_s, v_t)
+    return reference.align_singular_vectors(v_s, v_t)  # no resolve(): no kernel to choose

@@ -1,4 +1,5 @@
-"""Shared fixtures: which backends exist here, and deterministic seeds."""
+"""Shared fixtures: the ``backend × dtype`` matrix of the op tests, which backends exist here, and
+deterministic seeds."""
 import os
 import tempfile
 
@@ -10,6 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import mhgd_fast as mf  # noqa: E402
+from _helpers import TOLERANCES, device_of, matrix_params  # noqa: E402
 
 # `make test` sets MHGD_REQUIRE_EXTENSION=1: a missing build must fail, not skip the kernel tests.
 REQUIRE_EXTENSION = os.environ.get("MHGD_REQUIRE_EXTENSION") == "1"
@@ -25,3 +27,28 @@ def pytest_report_header(config):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_generate_tests(metafunc):
+    """``@pytest.mark.matrix(dtypes=None, reference=True)``: run the test once per backend (the
+    reference unless ``reference=False``, the compiled ones, CUDA marked ``cuda`` and skipped with
+    the reason where it cannot run) and, when ``dtypes`` is given, per dtype: the test takes
+    ``backend`` (and ``dtype``) arguments."""
+    marker = metafunc.definition.get_closest_marker("matrix")
+    if marker is None:
+        return
+    dtypes = marker.kwargs.get("dtypes")
+    names = "backend" if dtypes is None else "backend,dtype"
+    metafunc.parametrize(names, matrix_params(dtypes, marker.kwargs.get("reference", True)))
+
+
+@pytest.fixture
+def device(backend):
+    """The device the matrix's backend runs on (its tensors live there)."""
+    return device_of(backend)
+
+
+@pytest.fixture
+def tol(dtype):
+    """The matrix dtype's tolerances against the float64 answer (``_helpers.TOLERANCES``)."""
+    return TOLERANCES[dtype]

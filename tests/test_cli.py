@@ -55,6 +55,7 @@ def test_plan_follows_op_kernels(monkeypatch):
     assert {job.backend for job in bench.plan(["graph_kl"], device="cuda")} == {"reference"}
 
 
+@pytest.mark.subprocess
 def test_python_dash_m():
     done = subprocess.run([sys.executable, "-m", "mhgd_fast", "info"], capture_output=True, text=True,
                           cwd="/")

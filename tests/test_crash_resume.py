@@ -126,6 +126,7 @@ def assert_same_tensors(a, b, where):
             assert_same_tensors(x, y, f"{where}[{i}]")
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_run_bit_for_bit(tmp_path):
     steps = timeline()

@@ -15,7 +15,8 @@ import torch
 import _simt
 import mhgd_fast.reference as ref
 
-pytestmark = pytest.mark.skipif(_simt.CXX is None, reason="no C++20 compiler (g++) to build the SIMT simulator")
+pytestmark = [pytest.mark.simulator,
+              pytest.mark.skipif(_simt.CXX is None, reason="no C++20 compiler (g++) to build the SIMT simulator")]
 
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
 # (rows, cols): cols < 32, not a multiple of 32, and more than the 256 threads of a block.
@@ -129,6 +130,9 @@ def run_resource_check(output, *headers):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
+@pytest.mark.nvcc
+@pytest.mark.subprocess
 @needs_nvcc
 def test_kernel_headers_compile_without_warnings_or_spills(tmp_path):
     result = run_resource_check(tmp_path / "report.md")
@@ -163,6 +167,8 @@ template <typename T> __global__ void __launch_bounds__(1024, 2) spilling(T* x, 
 """
 
 
+@pytest.mark.nvcc
+@pytest.mark.subprocess
 @needs_nvcc
 def test_resource_check_fails_on_warning_and_spill(tmp_path):
     (tmp_path / "sloppy.cuh").write_text(SLOPPY_HEADER)

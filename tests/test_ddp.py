@@ -13,6 +13,9 @@ import _ddp_workers
 
 from test_pipeline import TINY
 
+# Every test spawns worker processes (torch.multiprocessing).
+pytestmark = pytest.mark.subprocess
+
 
 def free_port():
     with socket.socket() as s:

@@ -107,6 +107,7 @@ def assert_same_run(run_dir, reference_dir):
             assert got[name][key] == want[name][key], (name, key)
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_nan_on_one_rank_stops_every_rank_at_that_step_and_resume_equals_the_uninterrupted_run(tmp_path, reference):
     # rank 1's features turn NaN in stage 2 before the global graph's gather: rank 0 must not wait
@@ -127,6 +128,7 @@ def test_nan_on_one_rank_stops_every_rank_at_that_step_and_resume_equals_the_uni
     assert_same_run(run_dir, reference)
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_a_rank_that_exits_mid_epoch_stops_the_other_at_once_and_resume_equals_the_uninterrupted_run(tmp_path, reference):
     # rank 1 ends without clean-up in the middle of stage 2's second epoch; the collective timeout
@@ -145,6 +147,7 @@ def test_a_rank_that_exits_mid_epoch_stops_the_other_at_once_and_resume_equals_t
     assert_same_run(run_dir, reference)
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_rank_0_killed_in_the_first_epoch_stops_the_other(tmp_path):
     # SIGKILL of the process that writes the checkpoints, mid-way through DDP's own gradient
@@ -158,6 +161,7 @@ def test_rank_0_killed_in_the_first_epoch_stops_the_other(tmp_path):
     assert "The last good checkpoint is none (failed in the first epoch)" in message
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_a_hung_rank_makes_the_other_stop_after_the_collective_timeout(tmp_path):
     run_dir = tmp_path / "run"

@@ -79,6 +79,7 @@ def test_version_mismatch_gives_the_rebuild_command(monkeypatch):
         assert f"Rebuild it for torch {torch.__version__}" in message and "install torch 1.2.3" in message
 
 
+@pytest.mark.subprocess
 def test_build_backend_pins_the_installed_torch():
     """tools/build_backend.py asks for a torch of the installed version (no local label), so that
     an isolated build compiles against the torch that will import the extension."""
@@ -95,6 +96,37 @@ def test_unbuilt_extension_leaves_reference_backend(monkeypatch):
     monkeypatch.setattr(_extension, "_read_meta", lambda: None)
     module, meta, problem = _extension._load()
     assert module is None and meta is None and "not built" in problem
+
+
+@compiled
+def test_backends_are_worked_out_once(monkeypatch):
+    """The usable backends are worked out once (the GPU asked for at most once, however many
+    calls), every call gets its own list, and `backends._refresh()` reads them again."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: calls.append(1) or True)
+    monkeypatch.setattr(_extension, "_META", {**_extension._META, "backends": ["cpu", "cuda"]})
+    try:
+        mf.backends._refresh()
+        for _ in range(3):
+            assert mf.available_backends() == ["reference", "cpu", "cuda"]
+            assert mf.backends.resolve("graph_kl", "cpu", torch.device("cpu")) == "cpu"
+        assert len(calls) == 1
+        mf.available_backends().append("tpu")
+        assert mf.available_backends() == ["reference", "cpu", "cuda"]
+    finally:
+        monkeypatch.undo()
+        mf.backends._refresh()
+    assert "cuda" not in mf.available_backends() or torch.cuda.is_available()
+
+
+@compiled
+def test_every_compiled_op_has_a_kernel_for_every_compiled_backend():
+    """What backends reads off the dispatcher: each public compiled op and its backward ops, on
+    each compiled device backend (a CPU-only build registers no CUDA kernels)."""
+    ops = {"attention_graph", "attention_graph_backward", "graph_kl", "graph_kl_backward",
+           "graph_kl_fused", "topk_singular_vectors", "topk_singular_vectors_backward"}
+    for backend in mf.build_info()["compiled_backends"]:
+        assert mf.backends._KERNELS[backend] == ops, backend
 
 
 # ---------------------------------------------------------------------------- registered ops
@@ -195,6 +227,7 @@ def test_fused_graph_kl_refuses_double_backward():
         torch.autograd.grad(loss, inputs[0], create_graph=True)
 
 
+@pytest.mark.subprocess
 @compiled
 def test_generic_cpu_path_matches(tmp_path):
     """The portable (non-AVX2) kernels (graph-KL row math, Householder reduction), forced by

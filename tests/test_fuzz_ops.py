@@ -31,7 +31,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import mhgd_fast as mf  # noqa: E402
 import mhgd_fast.reference as ref  # noqa: E402
-from _helpers import compiled_backends_for, device_of  # noqa: E402
+from _helpers import device_of  # noqa: E402
 
 _COMMON = dict(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
 settings.register_profile("ci", max_examples=200, derandomize=True, **_COMMON)
@@ -197,7 +197,7 @@ def finite_amax(t):
     return float(t.abs().amax()) if t.numel() else 0.0
 
 
-@pytest.mark.parametrize("backend", compiled_backends_for("graph_kl"))
+@pytest.mark.matrix(reference=False)
 @fuzz
 @given(case=graph_cases())
 def test_graph_kl_fuzz(backend, case):
@@ -251,7 +251,7 @@ def attention_cases(draw):
                 grad=draw(st.booleans()))
 
 
-@pytest.mark.parametrize("backend", compiled_backends_for("attention_graph"))
+@pytest.mark.matrix(reference=False)
 @fuzz
 @given(case=attention_cases())
 def test_attention_graph_fuzz(backend, case):
@@ -367,7 +367,7 @@ def compare_singular_vectors(got, truth_fm, k, eps_default, what, dtype):
             assert resid < tol / gap, f"{what}: sample {i} vector {j} leaves its singular subspace by {resid:.3g}"
 
 
-@pytest.mark.parametrize("backend", compiled_backends_for("topk_singular_vectors"))
+@pytest.mark.matrix(reference=False)
 @fuzz
 @given(case=feature_maps())
 def test_topk_singular_vectors_fuzz(backend, case):

@@ -32,6 +32,7 @@ def run_check(out, *args, timeout=600):
     return done, report
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_cpu_smoke_runs_every_stage(tmp_path):
     done, report = run_check(tmp_path, "--cpu-smoke", "--threads", "1")
@@ -61,6 +62,7 @@ def test_cpu_smoke_runs_every_stage(tmp_path):
     assert "pytest" in (tmp_path / "gpu_check.log").read_text()
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_gpu_mode_without_a_gpu_fails_with_the_reason(tmp_path):
     done, report = run_check(tmp_path, "--no-build", "--deadline", "120", timeout=300)
@@ -71,12 +73,14 @@ def test_gpu_mode_without_a_gpu_fails_with_the_reason(tmp_path):
     assert all(s["reason"] == "the environment stage failed" for s in rest)
 
 
+@pytest.mark.subprocess
 def test_missing_python_fails_the_environment(tmp_path):
     done, report = run_check(tmp_path, "--cpu-smoke", "--python", str(tmp_path / "no-such-python"), timeout=120)
     assert done.returncode == 1
     assert report["stages"][0]["status"] == "fail" and "could not import torch" in report["stages"][0]["reason"]
 
 
+@pytest.mark.subprocess
 def test_deadline_skips_stages_instead_of_overrunning(tmp_path):
     done, report = run_check(tmp_path, "--cpu-smoke", "--deadline", "1", timeout=120)
     assert done.returncode == 0

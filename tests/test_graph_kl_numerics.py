@@ -17,9 +17,7 @@ import torch
 import _simt
 import mhgd_fast as mf
 import mhgd_fast.reference as ref
-from _helpers import backends_for
 
-KERNELS = [b for b in backends_for("graph_kl") if b != "reference"]
 DIRECTIONS = ("student_teacher", "teacher_student")
 REDUCTIONS = ("none", "sum", "mean")
 DTYPES = {"f32": torch.float32, "f64": torch.float64, "bf16": torch.bfloat16}
@@ -195,7 +193,7 @@ EXACT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.matrix(reference=False)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("case", EXACT_CASES, ids=[c[0] for c in EXACT_CASES])
@@ -205,7 +203,7 @@ def test_row_math_is_accurate_at_any_logit_size(backend, case, direction, reduct
     check_case(backend, inputs, None, scale, direction, reduction, exact_logits=True, what=name)
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.matrix(reference=False)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -215,7 +213,7 @@ def test_tanh_rows_are_accurate(backend, dtype, direction, reduction):
     check_case(backend, inputs, "tanh", 0.125, direction, reduction, exact_logits=True, what="tanh")
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.matrix(reference=False)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("squash", [None, "tanh"])
 @pytest.mark.parametrize("direction", DIRECTIONS)
@@ -234,7 +232,7 @@ def test_one_column_is_exactly_zero(backend, dtype, direction, squash, reduction
         assert (g == 0).all()
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.matrix(reference=False)
 def test_random_magnitudes(backend):
     """The lead's fuzz: magnitudes 1e-3..1e4 per tensor (the unshifted form erred up to 17 % in
     6 % of these cases). The logits round here: the bound includes their rounding."""
@@ -251,7 +249,7 @@ def test_random_magnitudes(backend):
         check_case(backend, inputs, squash, scale, direction, pick(REDUCTIONS), exact_logits=False, what=what)
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.matrix(reference=False)
 def test_saved_statistics_rebuild_the_probabilities(backend):
     """The backward of reduction='none' reads the forward's saved row statistics: with logits
     ~2^21 in float32 a saved log-sum-exp (max + log Σ) would round away log Σ and misscale P."""
@@ -285,7 +283,7 @@ def cross_overflow_inputs(dtype, direction, h=1, n=5, m=800, seed=11):
     return [t.to(dtype) for t in (q_s, k_s, q_t, k_t)]
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.matrix(reference=False)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -324,6 +322,7 @@ def simulated(binary, inputs, squash, scale, direction, weights, tmp_path):
     return got["kl"], (got["dq_s"], got["dk_s"], got["dq_t"], got["dk_t"])
 
 
+@pytest.mark.simulator
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("case", SIM_CASES, ids=[c[0] for c in SIM_CASES])
 def test_simulated_cuda_kernels_accurate_at_any_logit_size(graph_kl_sim, case, direction, tmp_path):
@@ -339,6 +338,7 @@ def test_simulated_cuda_kernels_accurate_at_any_logit_size(graph_kl_sim, case, d
                 name)
 
 
+@pytest.mark.simulator
 @pytest.mark.parametrize("dtype", ["f32", "f64"])
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_simulated_cuda_cross_sum_stays_finite(graph_kl_sim, dtype, direction, tmp_path):
@@ -352,6 +352,7 @@ def test_simulated_cuda_cross_sum_stays_finite(graph_kl_sim, dtype, direction, t
     check_values(rows, exact_rows, inputs, 0.5, None, "none", exact_logits=True, what=f"cross overflow {dtype}")
 
 
+@pytest.mark.simulator
 @pytest.mark.parametrize("dtype", ["f32", "f64"])
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_simulated_cuda_one_column_is_exactly_zero(graph_kl_sim, dtype, direction, tmp_path):

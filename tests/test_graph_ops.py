@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mhgd_fast as mf
-from _helpers import backends_for, compiled_backends_for, device_of, rel_err
+from _helpers import HALVES, device_of, rel_err
 
 
 def direct_probs(q, k, squash, scale):
@@ -34,7 +34,7 @@ def make_inputs(h, n, m, d, dtype=torch.float32, device="cpu", grad=True, spread
 
 # ---------------------------------------------------------------------------- attention_graph
 
-@pytest.mark.parametrize("backend", backends_for("attention_graph"))
+@pytest.mark.matrix()
 @pytest.mark.parametrize("squash", [None, "tanh"])
 @pytest.mark.parametrize("scale", [1.0, 0.37])
 @pytest.mark.parametrize("shape", [(3, 7, 11, 5), (1, 1, 1, 1), (2, 33, 17, 96), (8, 129, 65, 3)])
@@ -52,7 +52,7 @@ def test_attention_graph_matches_direct_formula(backend, squash, scale, shape):
     assert rel_err(dq, rq) < 1e-5 and rel_err(dk, rk) < 1e-5
 
 
-@pytest.mark.parametrize("backend", backends_for("attention_graph"))
+@pytest.mark.matrix()
 @pytest.mark.parametrize("squash", [None, "tanh"])
 def test_attention_graph_gradcheck(backend, squash):
     q, k = make_inputs(2, 5, 4, 3, dtype=torch.float64, device=device_of(backend))[:2]
@@ -60,21 +60,20 @@ def test_attention_graph_gradcheck(backend, squash):
     assert torch.autograd.gradcheck(fn, (q, k))
 
 
-@pytest.mark.parametrize("backend", backends_for("attention_graph"))
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_attention_graph_half_accumulates_in_float32(backend, dtype):
-    q, k = make_inputs(4, 37, 29, 64, dtype=dtype, device=device_of(backend))[:2]
+@pytest.mark.matrix(dtypes=HALVES)
+def test_attention_graph_half_accumulates_in_float32(backend, dtype, device, tol):
+    q, k = make_inputs(4, 37, 29, 64, dtype=dtype, device=device)[:2]
     out = mf.ops.attention_graph(q, k, squash="tanh", backend=backend)
     assert out.dtype == dtype
     ref = direct_probs(q, k, "tanh", 1.0)
-    # Only the final rounding to 16 bits may differ from the float64 result of the same inputs.
-    tol = torch.finfo(dtype).eps
-    assert float(((out.double() - ref).abs() / ref).max().detach()) <= tol
+    # Only the final rounding to 16 bits may differ from the float64 result of the same inputs:
+    # tol.rtol is the dtype's ε.
+    assert float(((out.double() - ref).abs() / ref).max().detach()) <= tol.rtol
     out.float().sum().backward()
     assert q.grad.dtype == dtype and k.grad.dtype == dtype and torch.isfinite(q.grad.float()).all()
 
 
-@pytest.mark.parametrize("backend", backends_for("attention_graph"))
+@pytest.mark.matrix()
 def test_attention_graph_any_strides(backend):
     dev = device_of(backend)
     q = torch.randn(9, 3, 6, device=dev).transpose(0, 1)  # [3, 9, 6], non-contiguous
@@ -90,7 +89,7 @@ def test_attention_graph_rows_are_distributions():
     torch.testing.assert_close(out.sum(-1), torch.ones(2, 13), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("backend", backends_for("attention_graph"))
+@pytest.mark.matrix()
 def test_attention_graph_empty_rows(backend):
     q, k = torch.randn(2, 0, 4, device=device_of(backend)), torch.randn(2, 3, 4, device=device_of(backend))
     assert mf.ops.attention_graph(q, k, backend=backend).shape == (2, 0, 3)
@@ -102,7 +101,7 @@ OPTIONS = list(itertools.product([None, "tanh"], [1.0, 0.6], ["student_teacher",
                                  ["sum", "mean", "none"]))
 
 
-@pytest.mark.parametrize("backend", backends_for("graph_kl"))
+@pytest.mark.matrix()
 @pytest.mark.parametrize("squash,scale,direction,reduction", OPTIONS)
 @pytest.mark.parametrize("shape", [(3, 17, 9, 5), (2, 8, 23, 96)])
 def test_graph_kl_matches_direct_formula(backend, squash, scale, direction, reduction, shape):
@@ -121,7 +120,7 @@ def test_graph_kl_matches_direct_formula(backend, squash, scale, direction, redu
         assert rel_err(g, r) < 1e-4
 
 
-@pytest.mark.parametrize("backend", backends_for("graph_kl"))
+@pytest.mark.matrix()
 @pytest.mark.parametrize("squash,direction,reduction",
                          [(None, "student_teacher", "sum"), ("tanh", "teacher_student", "mean"),
                           ("tanh", "student_teacher", "none")])
@@ -132,7 +131,7 @@ def test_graph_kl_gradcheck_every_input(backend, squash, direction, reduction):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
-@pytest.mark.parametrize("backend", backends_for("graph_kl"))
+@pytest.mark.matrix()
 def test_graph_kl_teacher_constant_gets_no_grad(backend):
     q_s, k_s, q_t, k_t = make_inputs(2, 6, 6, 4, device=device_of(backend))
     q_t, k_t = q_t.detach(), k_t.detach()
@@ -140,7 +139,7 @@ def test_graph_kl_teacher_constant_gets_no_grad(backend):
     assert q_s.grad is not None and k_s.grad is not None and q_t.grad is None
 
 
-@pytest.mark.parametrize("backend", backends_for("graph_kl"))
+@pytest.mark.matrix()
 def test_graph_kl_identical_graphs_is_zero_and_nonnegative(backend):
     q, k, _, _ = make_inputs(3, 10, 12, 7, device=device_of(backend), grad=False)
     assert abs(float(mf.ops.graph_kl(q, k, q, k, backend=backend))) < 1e-6
@@ -149,10 +148,9 @@ def test_graph_kl_identical_graphs_is_zero_and_nonnegative(backend):
     assert (rows >= -1e-6).all()
 
 
-@pytest.mark.parametrize("backend", backends_for("graph_kl"))
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_graph_kl_half_accumulates_in_float32(backend, dtype):
-    inputs = make_inputs(8, 64, 64, 32, dtype=dtype, device=device_of(backend), spread=2.0)
+@pytest.mark.matrix(dtypes=HALVES)
+def test_graph_kl_half_accumulates_in_float32(backend, dtype, device):
+    inputs = make_inputs(8, 64, 64, 32, dtype=dtype, device=device, spread=2.0)
     out = mf.ops.graph_kl(*inputs, backend=backend)
     assert out.dtype == torch.float32
     ref = direct_graph_kl_rows(*inputs, "tanh", 1.0, "student_teacher").sum().detach()
@@ -161,7 +159,7 @@ def test_graph_kl_half_accumulates_in_float32(backend, dtype):
     assert inputs[0].grad.dtype == dtype
 
 
-@pytest.mark.parametrize("backend", backends_for("graph_kl"))
+@pytest.mark.matrix()
 def test_graph_kl_any_strides(backend):
     dev = device_of(backend)
     base = [torch.randn(5, 3, 4, device=dev), torch.randn(3, 4, 7, device=dev)]
@@ -187,7 +185,7 @@ def test_graph_kl_nan_propagates():
     assert torch.isnan(mf.ops.graph_kl(q_s, k_s, q_t, k_t))
 
 
-@pytest.mark.parametrize("backend", backends_for("graph_kl"))
+@pytest.mark.matrix()
 @pytest.mark.parametrize("heads,n,m", [(1, 1100, 530), (2, 520, 530)])
 def test_graph_kl_streamed_row_blocks(backend, heads, n, m):
     """Graphs too large to be made whole are streamed in row blocks (with a row tail, and with
@@ -206,7 +204,7 @@ def test_graph_kl_streamed_row_blocks(backend, heads, n, m):
         assert rel_err(g, r) < 1e-10
 
 
-@pytest.mark.parametrize("backend", backends_for("graph_kl"))
+@pytest.mark.matrix()
 def test_graph_kl_half_gradients_scaled_before_rounding(backend):
     """A large upstream gradient (AMP's loss scale) multiplies the float32 gradient before it is
     rounded to float16: tiny per-element gradients survive, as in the unfused path."""
@@ -220,7 +218,7 @@ def test_graph_kl_half_gradients_scaled_before_rounding(backend):
         assert rel_err(got.float(), want) < 2e-3
 
 
-@pytest.mark.parametrize("backend", compiled_backends_for("graph_kl"))
+@pytest.mark.matrix(reference=False)
 @pytest.mark.parametrize("n,m", [(200, 173), (700, 900)])  # made whole, and streamed
 def test_graph_kl_float32_error_at_most_twice_eager(backend, n, m):
     """FlashAttention's rule: against a float64 reference, the fused float32 kernel's error (loss

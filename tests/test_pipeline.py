@@ -41,6 +41,7 @@ def test_teacher_and_student_widths_must_match_at_sensing_points(tmp_path):
         run_pipeline(tiny(tmp_path, methods=["mhgd"], teacher_epochs=0, student_width=0.5))
 
 
+@pytest.mark.slow
 def test_full_run_writes_every_output(tmp_path, capsys):
     cfg = tiny(tmp_path)
     out = run_pipeline(cfg)
@@ -68,6 +69,7 @@ def test_full_run_writes_every_output(tmp_path, capsys):
     assert again["results"] == out["results"]
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_and_after_ctrl_c_is_bit_identical(tmp_path):
     reference = tiny(tmp_path, "reference", methods=["kd", "mhgd"])
     run_pipeline(reference)

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH = os.environ.get("MHGD_PLAIN_INSTALL_TORCH") or "2.13.0"

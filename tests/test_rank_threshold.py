@@ -16,10 +16,10 @@ import torch
 import _simt
 import mhgd_fast as mf
 import mhgd_fast.reference as ref
-from _helpers import backends_for, rel_err
+from _helpers import rel_err, usable_compiled_backends
 from test_singular_vectors import controlled_map
 
-FAST = [b for b in backends_for("topk_singular_vectors") if b == "cpu"]
+FAST = [b for b in usable_compiled_backends() if b == "cpu"]
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
 BATCH = 12  # samples per case: on the old threshold about a third of float64 samples disagreed
 
@@ -118,7 +118,7 @@ def test_backends_agree_on_rank_deficient_maps(backend, dtype, case):
     assert rel_err(g, r_g) < 1e-8
 
 
-@pytest.mark.parametrize("backend", backends_for("topk_singular_vectors"))
+@pytest.mark.matrix()
 def test_given_eps_keeps_its_meaning(backend):
     """σ = 3, 1, 0.002: with eps = 1e-3 the third is zero (0.002 ≤ 0.003), with 1e-4 it is not."""
     torch.manual_seed(3)
@@ -166,6 +166,7 @@ def host_forward(fm, k, eps, state):
     return out, e * mask, valid
 
 
+@pytest.mark.simulator
 @needs_simt
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", [(kind, c, hw, k) for kind in ("r1", "r2", "repeated")

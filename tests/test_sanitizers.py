@@ -23,7 +23,7 @@ SANITIZE_DIR = ROOT / "build" / "sanitize"
 LIB = SANITIZE_DIR / "lib"
 CXX = shutil.which(os.environ.get("CXX", "g++"))
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(CXX is None, reason="no g++ to build the sanitizer runtimes")]
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.skipif(CXX is None, reason="no g++ to build the sanitizer runtimes")]
 
 
 def runtime(name: str) -> str:
@@ -77,6 +77,7 @@ def test_cpu_kernels_under_asan_and_ubsan(asan_env):
     assert "ERROR: AddressSanitizer" not in out and "runtime error:" not in out, out
 
 
+@pytest.mark.simulator
 def test_simulated_cuda_kernels_under_tsan():
     runtime("libtsan.so")
     env = dict(os.environ, MHGD_SIMT_SANITIZE="thread")

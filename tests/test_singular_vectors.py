@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import mhgd_fast as mf
-from _helpers import backends_for, device_of, rel_err
+from _helpers import FLOATS, device_of, rel_err
 
 
 def controlled_map(batch, c, hw, sigmas, dtype=torch.float64):
@@ -29,7 +29,7 @@ def canonical_svd_vectors(fm, k):
 SHAPES = [(7, 30), (13, 13), (24, 9), (5, 1 * 3)]
 
 
-@pytest.mark.parametrize("backend", backends_for("topk_singular_vectors"))
+@pytest.mark.matrix()
 @pytest.mark.parametrize("c,hw", SHAPES)
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_matches_svd_values_and_gradients(backend, c, hw, k):
@@ -46,7 +46,7 @@ def test_matches_svd_values_and_gradients(backend, c, hw, k):
     assert rel_err(g, r_g) < 1e-8
 
 
-@pytest.mark.parametrize("backend", backends_for("topk_singular_vectors"))
+@pytest.mark.matrix()
 @pytest.mark.parametrize("c,hw", [(4, 9), (6, 3)])
 def test_gradcheck(backend, c, hw):
     fm = torch.randn(3, c, hw, dtype=torch.float64, device=device_of(backend), requires_grad=True)
@@ -54,7 +54,7 @@ def test_gradcheck(backend, c, hw):
     assert torch.autograd.gradcheck(fn, (fm,))
 
 
-@pytest.mark.parametrize("backend", backends_for("topk_singular_vectors"))
+@pytest.mark.matrix()
 def test_spatial_layouts_and_float32(backend):
     """Any number of spatial dims (including none); float32 close to the float64 answer."""
     dev = device_of(backend)
@@ -84,17 +84,16 @@ def test_canonical_sign_and_unit_norm_post_relu_conv():
     assert float((out * ref).sum(-1).abs().min()) > 1 - 1e-9
 
 
-@pytest.mark.parametrize("backend", backends_for("topk_singular_vectors"))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_zero_map_gives_zero_vectors_and_zero_gradient(backend, dtype):
-    fm = torch.zeros(3, 5, 4, 4, dtype=dtype, device=device_of(backend), requires_grad=True)
+@pytest.mark.matrix(dtypes=FLOATS)
+def test_zero_map_gives_zero_vectors_and_zero_gradient(backend, dtype, device):
+    fm = torch.zeros(3, 5, 4, 4, dtype=dtype, device=device, requires_grad=True)
     out = mf.ops.topk_singular_vectors(fm, 3, backend=backend)
     assert (out == 0).all()
     out.sum().backward()
     assert (fm.grad == 0).all()
 
 
-@pytest.mark.parametrize("backend", backends_for("topk_singular_vectors"))
+@pytest.mark.matrix()
 @pytest.mark.parametrize("c,hw", [(8, 20), (8, 5)])
 def test_rank_deficient_tail_is_zero_and_finite(backend, c, hw):
     fm = controlled_map(4, c, hw, [2.0, 1.0], dtype=torch.float32).to(device_of(backend)).requires_grad_()
@@ -105,7 +104,7 @@ def test_rank_deficient_tail_is_zero_and_finite(backend, c, hw):
     assert torch.isfinite(fm.grad).all()
 
 
-@pytest.mark.parametrize("backend", backends_for("topk_singular_vectors"))
+@pytest.mark.matrix()
 @pytest.mark.parametrize("c,hw", [(6, 10), (10, 6)])
 def test_repeated_singular_values_are_finite(backend, c, hw):
     fm = controlled_map(3, c, hw, [1.0, 1.0, 1.0, 0.5, 0.5], dtype=torch.float32)

@@ -137,6 +137,7 @@ def test_no_balance_uses_the_transfer_weight(tmp_path):
 
 # --- the study ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_study_shares_runs_resumes_and_reports(tmp_path):
     base = PipelineConfig(**TINY)
     reference = run_study(base, str(tmp_path / "uninterrupted"), seeds=[0, 1], log=lambda m: None)

@@ -29,6 +29,7 @@ POINTS = ["layer1", "layer2", "layer3"]
 
 # ---------------------------------------------------------------- end to end, real torchdistill
 
+@pytest.mark.subprocess
 def test_tiny_config_end_to_end(tmp_path):
     """Stage 1 trains the heads, stage 2 leaves them (and their BN statistics) exactly as saved,
     and the transfer loss falls."""
