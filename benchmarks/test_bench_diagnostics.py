@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import mhgd_fast as mf
-from mhgd_fast.distiller import MHGDDistiller
-from mhgd_fast.models import build_model
+from mhgd_fast.training.distiller import MHGDDistiller
+from mhgd_fast.training.models import build_model
 
 
 def make_parts():

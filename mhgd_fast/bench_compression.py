@@ -1,7 +1,7 @@
 """Compression cost per feature map: the fast op against torch.linalg.svd and against
 smaller-side Gram + torch.linalg.eigh (the reference backend), fwd and fwd+bwd, in ONE run so the
 ratios share the machine's load; optionally the whole MHGD transfer loss next to ResNet8/ResNet32
-(mhgd_fast.models at width 4: stage widths 64/128/256). The functions take a ``device``; the command
+(mhgd_fast.training.models at width 4: stage widths 64/128/256). The functions take a ``device``; the command
 times the CPU, ``tools/gpu_check.py`` the GPU.
 
     mhgd-fast bench --suite compression [--threads 2] [--repeats 7] [--batch 128] [--mhgd]
@@ -23,8 +23,8 @@ import torch
 
 import mhgd_fast as mf
 from mhgd_fast import bench
-from mhgd_fast.features import FeatureCapture
-from mhgd_fast.models import build_model
+from mhgd_fast.training.features import FeatureCapture
+from mhgd_fast.training.models import build_model
 
 PAPER_SHAPES = [(64, 32), (128, 16), (256, 8)]  # (C, side): ResNet stage outputs on CIFAR
 
@@ -128,7 +128,7 @@ TEACHER, STUDENT = "resnet32", "resnet8"
 def mhgd_parts(batch: int, device: str = "cpu", width: float = 4) -> Dict[str, Callable[[], object]]:
     """One training step's parts at B=batch: teacher ResNet32 fwd, student ResNet8 fwd+bwd, and the
     whole MHGD transfer loss fwd+bwd (3 maps, teacher k=1, student k=4, 2 pairs, fastest backend).
-    The networks are :func:`mhgd_fast.models.build_model`'s at ``width`` (4: stages 64/128/256)."""
+    The networks are :func:`mhgd_fast.training.models.build_model`'s at ``width`` (4: stages 64/128/256)."""
     teacher = build_model(TEACHER, 100, width).to(device).eval()
     student = build_model(STUDENT, 100, width).to(device)
     images = torch.rand(batch, 3, 32, 32).to(device)

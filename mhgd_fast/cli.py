@@ -2,7 +2,7 @@
 
 ``mhgd-fast bench`` times the ops (see :mod:`mhgd_fast.bench`) and prints a Markdown table on stdout;
 ``mhgd-fast info`` prints what was compiled and which backends are usable, as JSON;
-``mhgd-fast demo`` and ``mhgd-fast train`` run the distillation pipeline (:mod:`mhgd_fast.pipeline_cli`).
+``mhgd-fast demo`` and ``mhgd-fast train`` run the distillation pipeline (:mod:`mhgd_fast.training.cli`).
 Logs and progress go to stderr, so stdout stays clean for redirection.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import bench, bench_compression, bench_scaling, pipeline_cli
+from . import bench, bench_compression, bench_scaling
+from .training import cli as training_cli
 from ._extension import build_info
 from .backends import DEVICE_BACKENDS, OP_KERNELS, available_backends
 
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     info_parser = commands.add_parser(
         "info", help="print build_info() and available_backends() as JSON")
     info_parser.set_defaults(handler=_info)
-    pipeline_cli.add_subcommands(commands)
+    training_cli.add_subcommands(commands)
     return parser
 
 

@@ -18,9 +18,9 @@ from torchdistill.core.distillation import get_distillation_box  # noqa: E402
 
 import mhgd_fast as mf  # noqa: E402
 from mhgd_fast.contrib import torchdistill as td  # noqa: E402
-from mhgd_fast.features import FeatureCapture  # noqa: E402
-from mhgd_fast.models import build_model  # noqa: E402
-from mhgd_fast.pipeline.config import PipelineConfig  # noqa: E402
+from mhgd_fast.training.features import FeatureCapture  # noqa: E402
+from mhgd_fast.training.models import build_model  # noqa: E402
+from mhgd_fast.training.config import PipelineConfig  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples", "torchdistill")

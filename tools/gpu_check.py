@@ -573,7 +573,7 @@ def worker_bench_mhgd(args) -> dict:
     times = bench_compression.mhgd_times(batch, repeats, args.device, width)
     header = bench_header(args.device)
     caption = (f"B={batch}, CIFAR 32×32, teacher {bench_compression.TEACHER} / student {bench_compression.STUDENT} "
-               f"of mhgd_fast.models at width {width}, MHGD backend auto; {header['device_name']}, torch "
+               f"of mhgd_fast.training.models at width {width}, MHGD backend auto; {header['device_name']}, torch "
                f"{header['torch_version']}; median ms of {repeats} round-robin repeats after one warm-up.")
     return {"header": header, "caption": caption, "results": times,
             "table": bench_compression.format_mhgd(times), "errors": [], "skipped": []}
