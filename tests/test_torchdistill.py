@@ -79,7 +79,7 @@ def _models():
 
 def _saved_heads(tmp_path, teacher):
     """A trained-looking heads file: random weights and non-trivial BN running statistics."""
-    heads = mf.MHGD(mf.distiller.feature_channels(teacher, POINTS), heads=4)
+    heads = mf.MHGD(mf.training.distiller.feature_channels(teacher, POINTS), heads=4)
     with torch.no_grad():
         for name, buf in heads.named_buffers():
             if name.endswith("running_mean"):

@@ -1,4 +1,4 @@
-"""The ``demo`` and ``train`` subcommands of ``mhgd-fast`` (wired into ``mhgd_fast.cli``).
+"""The ``demo``, ``train`` and ``study`` subcommands of ``mhgd-fast`` (wired into :mod:`mhgd_fast.cli`).
 
 ``train`` exposes every :class:`~mhgd_fast.training.config.PipelineConfig` field as a flag whose
 default is the authors' value; the config is saved as ``<run-dir>/config.json``. Running the same
