@@ -115,10 +115,20 @@ def _bench_ops(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
              repeats.warmup, repeats.repeat)
     with logging_redirect_tqdm():
         results = ops_bench.run(jobs, repeats, progress=_progress("bench", "job"))
-    print(ops_bench.caption(run_header))
-    print()
-    print(ops_bench.format_markdown(results))
-    return _write_json(args, run_header, results)
+    return _report(args, ops_bench.caption(run_header), ops_bench.format_markdown(results), run_header, results)
+
+
+def _on_the_cpu(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """A CPU-only suite: refuse another --device, set the thread count."""
+    if args.device != "cpu":
+        parser.error(f"--suite {args.suite} runs on the CPU (--device cpu)")
+    torch.set_num_threads(args.threads)
+
+
+def _environment(run_header: dict) -> str:
+    """``mhgd_fast <version>, torch <version>, <cpu model>`` for a caption."""
+    return (f"mhgd_fast {run_header['mhgd_fast_version']}, torch {run_header['torch_version']}, "
+            f"{run_header['cpu_model']}")
 
 
 def _bench_scaling(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -128,47 +138,39 @@ def _bench_scaling(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     run_header = harness.header("cpu", harness.QUICK if args.quick else harness.FULL)
     with logging_redirect_tqdm():
         results = scaling.run(args.quick, args.threads, progress=_progress("graph_kl scaling", "case"))
-    print(f"graph_kl fwd+bwd (sum, tanh), H={scaling.HEADS}, d={scaling.DIM}; "
-          f"mhgd_fast {run_header['mhgd_fast_version']}, torch {run_header['torch_version']}, "
-          f"{run_header['cpu_model']}, {args.threads} threads, {run_header['timestamp']}; median and min–max "
-          "after warm-up calls (10 up to B=1024, else 1); extra peak = peak RSS during the timed calls minus RSS before them.")
-    print()
-    print(scaling.format_markdown(results))
-    return _write_json(args, run_header, results)
+    caption = (f"graph_kl fwd+bwd (sum, tanh), H={scaling.HEADS}, d={scaling.DIM}; {_environment(run_header)}, "
+               f"{args.threads} threads, {run_header['timestamp']}; median and min–max after warm-up calls (10 up "
+               "to B=1024, else 1); extra peak = peak RSS during the timed calls minus RSS before them.")
+    return _report(args, caption, scaling.format_markdown(results), run_header, results)
 
 
 def _bench_compression(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if args.device != "cpu":
-        parser.error("--suite compression runs on the CPU (--device cpu)")
-    torch.set_num_threads(args.threads)
+    _on_the_cpu(args, parser)
     repeats = 3 if args.quick else 7
     run_header = harness.header("cpu", harness.Repeats(warmup=1, repeat=repeats))
     results = compression.run(COMPRESSION_BATCH, repeats, floor=True, mhgd=True)
-    print(f"mhgd_fast {run_header['mhgd_fast_version']}, torch {run_header['torch_version']}, "
-          f"{run_header['cpu_model']}, {args.threads} threads, B={COMPRESSION_BATCH}, float32, medians of "
-          f"{repeats} round-robin repeats, {run_header['timestamp']}\n")
-    print(compression.format_run(results))
-    return _write_json(args, run_header, results)
+    caption = (f"{_environment(run_header)}, {args.threads} threads, B={COMPRESSION_BATCH}, float32, medians of "
+               f"{repeats} round-robin repeats, {run_header['timestamp']}")
+    return _report(args, caption, compression.format_run(results), run_header, results)
 
 
 def _bench_diagnostics(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if args.device != "cpu":
-        parser.error("--suite diagnostics runs on the CPU (--device cpu)")
-    torch.set_num_threads(args.threads)
+    _on_the_cpu(args, parser)
     rounds = diagnostics.QUICK_ROUNDS if args.quick else diagnostics.FULL_ROUNDS
     run_header = harness.header("cpu", harness.Repeats(warmup=diagnostics.WARMUP_ROUNDS, repeat=rounds))
     times = diagnostics.run(rounds)
-    print(f"stage-2 step of the demo setting, batch {diagnostics.BATCH}, {args.threads} threads, {rounds} "
-          f"interleaved rounds; median ms; amortised = (sampled/plain − 1)/{diagnostics.DIAG_EVERY}; "
-          f"mhgd_fast {run_header['mhgd_fast_version']}, torch {run_header['torch_version']}, "
-          f"{run_header['cpu_model']}, {run_header['timestamp']}")
-    print()
-    print("\n".join(diagnostics.format_markdown(times)))
+    caption = (f"stage-2 step of the demo setting, batch {diagnostics.BATCH}, {args.threads} threads, {rounds} "
+               f"interleaved rounds; median ms; amortised = (sampled/plain − 1)/{diagnostics.DIAG_EVERY}; "
+               f"{_environment(run_header)}, {run_header['timestamp']}")
     results = [{"balance": balance, "sampled": sampled, "median_ms": ms} for (balance, sampled), ms in times.items()]
-    return _write_json(args, run_header, results)
+    return _report(args, caption, "\n".join(diagnostics.format_markdown(times)), run_header, results)
 
 
-def _write_json(args: argparse.Namespace, run_header: dict, results) -> int:
+def _report(args: argparse.Namespace, caption: str, table: str, run_header: dict, results) -> int:
+    """The caption, a blank line and the table(s) on stdout; with --json, the header and results too."""
+    print(caption)
+    print()
+    print(table)
     if args.json:
         harness.write_json(args.json, run_header, results)
         log.info("wrote %s", args.json)
