@@ -168,7 +168,9 @@ setup(
         "torchdistill": ["torchdistill>=1.1"],  # mhgd_fast.contrib.torchdistill
         "tensorboard": ["tensorboard"],  # `train/demo/study --tensorboard`
     },
-    packages=find_packages(include=["mhgd_fast", "mhgd_fast.*"]),
+    # The library and its training subpackages, and the benchmark package that `mhgd-fast bench`
+    # and tools/gpu_check.py import (top-level `benchmarks`, as in a source checkout).
+    packages=find_packages(include=["mhgd_fast", "mhgd_fast.*", "benchmarks"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildWithMeta.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["mhgd-fast = mhgd_fast.cli:main"]},

@@ -1,14 +1,14 @@
-"""The cases of :mod:`mhgd_fast.bench` as pytest-benchmark tests: case × mode × runnable backend.
+"""The cases of :mod:`benchmarks.ops` as pytest-benchmark tests: case × mode × runnable backend.
 
 Run with ``pytest benchmarks --benchmark-only`` (``make bench``); not part of the unit tests.
 """
 import pytest
 import torch
 
-from mhgd_fast import bench
+from benchmarks import harness, ops
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-JOBS = [job for device in DEVICES for job in bench.plan(device=device)]
+JOBS = [job for device in DEVICES for job in ops.plan(device=device)]
 
 
 @pytest.mark.parametrize("job", JOBS, ids=[job.id for job in JOBS])
@@ -18,5 +18,5 @@ def test_op(benchmark, job):
     benchmark.extra_info.update(op=job.case.op, case=job.case.shape, mode=job.mode,
                                 backend=job.backend, device=job.device,
                                 threads=torch.get_num_threads())
-    step = bench.synchronized(job.make_step(), job.device)
-    benchmark.pedantic(step, warmup_rounds=bench.FULL.warmup, rounds=bench.FULL.repeat, iterations=1)
+    step = harness.synchronized(job.make_step(), job.device)
+    benchmark.pedantic(step, warmup_rounds=harness.FULL.warmup, rounds=harness.FULL.repeat, iterations=1)

@@ -1,27 +1,24 @@
 """pytest-benchmark: per-map compression at the paper's shapes (B=128, 2 threads), the fast op
 against torch.linalg.svd and smaller-side Gram + eigh, forward and forward+backward; and the whole
-MHGD transfer loss next to a teacher ResNet32 forward and a student ResNet8 forward+backward.
+MHGD transfer loss next to a teacher ResNet32 forward and a student ResNet8 forward+backward. The
+cases of :mod:`benchmarks.compression` (``mhgd-fast bench --suite compression``).
 
-    PYTHONPATH=. python -m pytest benchmarks/test_bench_svd.py --benchmark-only
+    python -m pytest benchmarks/test_bench_svd.py --benchmark-only
 """
 import pytest
 import torch
 
-import mhgd_fast as mf
+from benchmarks import harness
+from benchmarks.compression import PAPER_SHAPES, compression_methods, fast_backend, mhgd_parts
 
-from mhgd_fast.bench_compression import PAPER_SHAPES, compression_methods, mhgd_parts
-
-BACKEND = "cpu" if "cpu" in mf.available_backends() else "reference"
-METHODS = compression_methods(BACKEND)
+METHODS = compression_methods(fast_backend())
 
 
 @pytest.fixture(autouse=True)
 def _two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(before)
+    with harness.threads(2):
+        torch.manual_seed(harness.SEED)
+        yield
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -215,7 +215,7 @@ class MHGD(nn.Module):
         are neither trained nor updated.
 
         ``gather`` maps the local column keys ``[H, N, d]`` to the keys of every column of the
-        graph ``[H, M, d]`` (e.g. :func:`mhgd_fast.distributed.all_gather_columns` for a graph
+        graph ``[H, M, d]`` (e.g. :func:`mhgd_fast.training.distributed.all_gather_columns` for a graph
         over the global batch); rows stay local, so each process sums the KL of its own rows.
 
         ``stats``, when a dict is given, receives diagnostics (floats, nothing is differentiated):

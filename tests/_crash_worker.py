@@ -29,7 +29,7 @@ import traceback
 
 
 def child(plan, attempt, log_path, fired_path):
-    from mhgd_fast.pipeline import PipelineConfig, checkpoint, run_pipeline
+    from mhgd_fast.training import PipelineConfig, checkpoint, run_pipeline
 
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
@@ -100,7 +100,7 @@ def main(plan_path, report_path):
     import matplotlib.pyplot  # noqa: F401  (imported once here instead of in every child)
     import torch
     import torch._dynamo  # noqa: F401  (the optimisers import it on first use)
-    import mhgd_fast.pipeline  # noqa: F401
+    import mhgd_fast.training  # noqa: F401
     torch.set_num_threads(1)
     # forking is safe only while this process runs no threads of its own (no OpenMP pool yet)
     assert threading.active_count() == 1, threading.enumerate()

@@ -14,7 +14,7 @@ def _join(rank, world, port):
 def global_graph_loss(rank, world, port, inputs_path, out_dir):
     """Each process takes its contiguous share of the global batch; the graph's columns are gathered."""
     import mhgd_fast as mf
-    from mhgd_fast.distributed import all_gather_columns
+    from mhgd_fast.training.distributed import all_gather_columns
     _join(rank, world, port)
     data = torch.load(inputs_path)
     model = mf.MHGD(data["channels"], heads=data["heads"], student_vectors=data["student_vectors"])
@@ -31,12 +31,12 @@ def global_graph_loss(rank, world, port, inputs_path, out_dir):
 
 def pipeline_run(rank, world, port, config, out_dir):
     """The whole pipeline as torchrun would start it (environment variables)."""
-    from mhgd_fast.pipeline import PipelineConfig, run_pipeline
+    from mhgd_fast.training import PipelineConfig, run_pipeline
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     out = run_pipeline(PipelineConfig(**config))
-    from mhgd_fast.pipeline import checkpoint
+    from mhgd_fast.training import checkpoint
     # every process's copy of the final student, to check they stayed identical
     state = checkpoint.load(os.path.join(config["run_dir"], "checkpoints", "mhgd-stage2.pt"))
     torch.save({"results": out["results"], "finished_on_disk": state["finished"]},

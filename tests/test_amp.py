@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import mhgd_fast as mf
-import mhgd_fast.pipeline.stages as stages
+import mhgd_fast.training.stages as stages
 from mhgd_fast import ops
-from mhgd_fast.pipeline import PipelineConfig, RunDirMismatch, checkpoint, run_pipeline
-from mhgd_fast.pipeline.precision import Precision
-from mhgd_fast.pipeline.study import study_runs, teacher_config
+from mhgd_fast.training import PipelineConfig, RunDirMismatch, checkpoint, run_pipeline
+from mhgd_fast.training.precision import Precision
+from mhgd_fast.training.study import study_runs, teacher_config
 
 from test_knobs import two_losses
 

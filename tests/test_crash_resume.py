@@ -19,9 +19,9 @@ import sys
 import pytest
 import torch
 
-from mhgd_fast.pipeline import CheckpointError, PipelineConfig, run_pipeline
-from mhgd_fast.pipeline import checkpoint
-from mhgd_fast.pipeline_cli import add_subcommands
+from mhgd_fast.training import CheckpointError, PipelineConfig, run_pipeline
+from mhgd_fast.training import checkpoint
+from mhgd_fast.training.cli import add_subcommands
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "_crash_worker.py")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mhgd_fast.data import (CIFAR_FILES, BatchLoader, DataFolderError, ImageSet, augment, load_cifar,
+from mhgd_fast.training.data import (CIFAR_FILES, BatchLoader, DataFolderError, ImageSet, augment, load_cifar,
                             synthetic_dataset)
 
 

@@ -1,7 +1,7 @@
 """Failures under DDP stop every process cleanly, never hang: a NaN loss on one process, a process
 that dies mid-epoch, a process that hangs. Each run is the real command line (``python -m
 mhgd_fast train``) in two gloo processes started as torchrun would start them, with the faults of
-``mhgd_fast.pipeline.faults``; a run still going after its deadline is killed and fails the test.
+``mhgd_fast.training.faults``; a run still going after its deadline is killed and fails the test.
 Resuming afterwards gives the uninterrupted run's weights and results, bit for bit."""
 import json
 import os
@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-from mhgd_fast.distiller import MHGDDistiller
-from mhgd_fast.models import build_model
-from mhgd_fast.pipeline import NonFiniteLossError, PipelineConfig, run_pipeline
-from mhgd_fast.pipeline import checkpoint, faults
+from mhgd_fast.training.distiller import MHGDDistiller
+from mhgd_fast.training.models import build_model
+from mhgd_fast.training import NonFiniteLossError, PipelineConfig, run_pipeline
+from mhgd_fast.training import checkpoint, faults
 
 from test_ddp import free_port
 from test_pipeline import TINY, assert_identical, final_weights, tiny

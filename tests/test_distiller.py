@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 import mhgd_fast as mf
-from mhgd_fast.distiller import KDDistiller, KDLoss, MHGDDistiller
-from mhgd_fast.models import build_model
+from mhgd_fast.training.distiller import KDDistiller, KDLoss, MHGDDistiller
+from mhgd_fast.training.models import build_model
 
 
 def test_kd_loss_matches_the_formula():

@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mhgd_fast.distiller import feature_channels
-from mhgd_fast.features import FeatureCapture, unwrap
-from mhgd_fast.models import build_model, model_names
+from mhgd_fast.training.distiller import feature_channels
+from mhgd_fast.training.features import FeatureCapture, unwrap
+from mhgd_fast.training.models import build_model, model_names
 
 # name, width, channels at the sensing points, spatial sizes there
 CASES = [

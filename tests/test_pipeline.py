@@ -10,10 +10,10 @@ import signal
 import pytest
 import torch
 
-from mhgd_fast.pipeline import (NonFiniteLossError, PipelineConfig, RunDirMismatch, TrainingInterrupted,
+from mhgd_fast.training import (NonFiniteLossError, PipelineConfig, RunDirMismatch, TrainingInterrupted,
                                 run_pipeline)
-from mhgd_fast.pipeline import checkpoint
-from mhgd_fast.pipeline_cli import add_subcommands, config_from_args
+from mhgd_fast.training import checkpoint
+from mhgd_fast.training.cli import add_subcommands, config_from_args
 
 TINY = dict(dataset="synthetic", synthetic_train=48, synthetic_test=20, teacher="resnet8", student="resnet8",
             teacher_width=0.25, student_width=0.25, batch_size=16, eval_batch_size=64, teacher_epochs=2,
@@ -109,7 +109,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
         if (phase, epoch, step) == ("student", 1, 1):
             poison.target.fc.weight.data.fill_(float("nan"))
 
-    import mhgd_fast.pipeline.stages as stages
+    import mhgd_fast.training.stages as stages
     original = stages.build_model
 
     def capture_student(name, classes, width):
@@ -177,7 +177,7 @@ def test_train_flags_parse_and_bad_data_folder_fails_at_once(tmp_path, capsys):
 
 
 def test_demo_command_prints_the_table_and_writes_outputs(tmp_path, capsys, monkeypatch):
-    import mhgd_fast.pipeline.demo as demo
+    import mhgd_fast.training.demo as demo
     real = demo.demo_config
     monkeypatch.setattr(demo, "demo_config", lambda run_dir, **kw: real(run_dir, **{**TINY, **kw}))
     args = parser().parse_args(["demo", "--run-dir", str(tmp_path / "demo"), "--no-progress"])
@@ -191,7 +191,7 @@ def test_demo_command_prints_the_table_and_writes_outputs(tmp_path, capsys, monk
 
 
 def test_the_real_demo_config_is_synthetic_small_and_the_authors_recipe():
-    from mhgd_fast.pipeline import demo_config
+    from mhgd_fast.training import demo_config
     cfg = demo_config()
     cfg.validate()
     authors = PipelineConfig()

@@ -6,7 +6,7 @@ import shlex
 import pytest
 import torch
 
-from mhgd_fast.pipeline import CheckpointError, PipelineConfig, checkpoint, run_pipeline
+from mhgd_fast.training import CheckpointError, PipelineConfig, checkpoint, run_pipeline
 
 TINY = dict(dataset="synthetic", synthetic_train=16, synthetic_test=20, teacher="resnet8", student="resnet8",
             teacher_width=0.25, student_width=0.25, batch_size=16, eval_batch_size=64, teacher_epochs=1,

@@ -11,12 +11,12 @@ import signal
 import pytest
 import torch
 
-from mhgd_fast.pipeline import PipelineConfig, TrainingInterrupted, run_pipeline
-from mhgd_fast.pipeline import checkpoint
-from mhgd_fast.pipeline.settings import SETTINGS, study_config
-from mhgd_fast.pipeline.stages import load_datasets
-from mhgd_fast.pipeline.study import aggregate, paired_difference, run_study, t_quantile
-from mhgd_fast.pipeline_cli import add_subcommands
+from mhgd_fast.training import PipelineConfig, TrainingInterrupted, run_pipeline
+from mhgd_fast.training import checkpoint
+from mhgd_fast.training.settings import SETTINGS, study_config
+from mhgd_fast.training.stages import load_datasets
+from mhgd_fast.training.study import aggregate, paired_difference, run_study, t_quantile
+from mhgd_fast.training.cli import add_subcommands
 
 TINY = dict(dataset="synthetic", synthetic_train=60, synthetic_test=20, teacher="resnet8", student="resnet8",
             teacher_width=0.25, student_width=0.25, batch_size=16, eval_batch_size=64, teacher_epochs=1,
@@ -147,7 +147,7 @@ def test_study_shares_runs_resumes_and_reports(tmp_path):
     def ctrl_c(phase, epoch, step):  # the second seed's MHGD stage 2, mid-epoch
         if (phase, epoch, step) == ("mhgd-stage2", 1, 1) and "seed1" in ctrl_c.run_dir():
             os.kill(os.getpid(), signal.SIGINT)
-    import mhgd_fast.pipeline.study as study_module
+    import mhgd_fast.training.study as study_module
     original = study_module.run_pipeline
 
     def tracking(cfg, callbacks=()):
@@ -195,7 +195,7 @@ def parser():
 
 
 def test_study_cli_layers_flags_over_the_setting(tmp_path, monkeypatch):
-    import mhgd_fast.pipeline_cli as cli
+    import mhgd_fast.training.cli as cli
     seen = {}
     monkeypatch.setattr(cli, "run_study", lambda base, study_dir, **kw: seen.update(base=base, dir=study_dir, **kw))
     args = parser().parse_args(["study", "--setting", "demo", "--name", "x", "--seeds", "3", "--transfer-cap", "0.3",

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from mhgd_fast.pipeline import PipelineConfig, run_pipeline
-from mhgd_fast.pipeline.records import TensorBoardUnavailable
+from mhgd_fast.training import PipelineConfig, run_pipeline
+from mhgd_fast.training.records import TensorBoardUnavailable
 
 TINY = dict(dataset="synthetic", synthetic_train=32, synthetic_test=20, teacher="resnet8", student="resnet8",
             teacher_width=0.25, student_width=0.25, batch_size=16, eval_batch_size=64, teacher_epochs=1,
@@ -78,7 +78,7 @@ def test_missing_tensorboard_is_a_clear_error_before_anything_runs(tmp_path, mon
 def test_amp_and_tensorboard_flags_parse():
     from test_pipeline import parser
     args = parser().parse_args(["train", "--amp", "bf16", "--tensorboard"])
-    from mhgd_fast.pipeline_cli import config_from_args
+    from mhgd_fast.training.cli import config_from_args
     cfg = config_from_args(args)
     assert cfg.amp == "bf16" and cfg.tensorboard
     assert config_from_args(parser().parse_args(["train"])).amp == "off"

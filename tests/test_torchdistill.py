@@ -18,9 +18,9 @@ from torchdistill.core.distillation import get_distillation_box  # noqa: E402
 
 import mhgd_fast as mf  # noqa: E402
 from mhgd_fast.contrib import torchdistill as td  # noqa: E402
-from mhgd_fast.features import FeatureCapture  # noqa: E402
-from mhgd_fast.models import build_model  # noqa: E402
-from mhgd_fast.pipeline.config import PipelineConfig  # noqa: E402
+from mhgd_fast.training.features import FeatureCapture  # noqa: E402
+from mhgd_fast.training.models import build_model  # noqa: E402
+from mhgd_fast.training.config import PipelineConfig  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples", "torchdistill")
@@ -80,7 +80,7 @@ def _models():
 
 def _saved_heads(tmp_path, teacher):
     """A trained-looking heads file: random weights and non-trivial BN running statistics."""
-    heads = mf.MHGD(mf.distiller.feature_channels(teacher, POINTS), heads=4)
+    heads = mf.MHGD(mf.training.distiller.feature_channels(teacher, POINTS), heads=4)
     with torch.no_grad():
         for name, buf in heads.named_buffers():
             if name.endswith("running_mean"):

@@ -3,7 +3,7 @@
 Under DDP every step agrees on flags: one all-reduce of one number for Ctrl-C, one for a
 non-finite loss, and with ``--global-graph`` one more before the gather (every process's features
 finite), after a finiteness check of the sensing-point features (a sum per map). Prints the
-latency of :func:`mhgd_fast.distributed.any_rank` between two gloo processes on this machine, the
+latency of :func:`mhgd_fast.training.distributed.any_rank` between two gloo processes on this machine, the
 feature check on the authors' pair (resnet8x4 student, resnet32x4 teacher, 64 images per
 process) and, for scale, each network's no-grad forward pass of those images.
 
@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mhgd_fast.distributed import any_rank
-from mhgd_fast.models import build_model
+from mhgd_fast.training.distributed import any_rank
+from mhgd_fast.training.models import build_model
 
 
 def _worker(rank, port, calls, threads, queue):

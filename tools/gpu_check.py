@@ -10,8 +10,8 @@ Stages, in order: environment (python, torch and its CUDA, the GPU, nvcc, comput
 build (``setup.py build_ext --inplace`` with FORCE_CUDA=1), extension (what got loaded),
 tests (``pytest -m cuda tests``), memcheck and racecheck (compute-sanitizer over
 ``--worker sanitizer_cases``, only our kernels instrumented), bench_graph_kl (fused fwd+bwd
-against eager PyTorch and torch.compile of the reference, mhgd_fast.bench_scaling), bench_topk
-(topk_singular_vectors against torch.linalg.svd and Gram + eigh, mhgd_fast.bench_compression)
+against eager PyTorch and torch.compile of the reference, benchmarks.scaling), bench_topk
+(topk_singular_vectors against torch.linalg.svd and Gram + eigh, benchmarks.compression)
 and bench_mhgd (the whole MHGD loss next to a ResNet32 fwd and a ResNet8 fwd+bwd step).
 
 Every stage ends pass, fail or skipped, with a reason. Each runs in a subprocess with its own time
@@ -502,14 +502,14 @@ class Budget:
 def bench_header(device: str) -> dict:
     import torch
 
-    from mhgd_fast import bench
-    return bench.header(device, bench.Repeats(warmup=0, repeat=0))
+    from benchmarks import harness
+    return harness.header(device, harness.Repeats(warmup=0, repeat=0))
 
 
 def worker_bench_graph_kl(args) -> dict:
     import torch
 
-    from mhgd_fast import bench_scaling
+    from benchmarks import scaling as bench_scaling
     torch.set_num_threads(args.threads)
     smoke, budget = args.cpu_smoke, Budget(args.budget)
     batches = (16, 32) if smoke else bench_scaling.BATCHES
@@ -540,7 +540,7 @@ def worker_bench_graph_kl(args) -> dict:
 def worker_bench_topk(args) -> dict:
     import torch
 
-    from mhgd_fast import bench_compression
+    from benchmarks import compression as bench_compression
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     smoke, budget = args.cpu_smoke, Budget(args.budget)
@@ -566,14 +566,14 @@ def worker_bench_topk(args) -> dict:
 def worker_bench_mhgd(args) -> dict:
     import torch
 
-    from mhgd_fast import bench_compression
+    from benchmarks import compression as bench_compression
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     batch, repeats, width = (4, 1, 1) if args.cpu_smoke else (128, 10, 4)
     times = bench_compression.mhgd_times(batch, repeats, args.device, width)
     header = bench_header(args.device)
     caption = (f"B={batch}, CIFAR 32×32, teacher {bench_compression.TEACHER} / student {bench_compression.STUDENT} "
-               f"of mhgd_fast.models at width {width}, MHGD backend auto; {header['device_name']}, torch "
+               f"of mhgd_fast.training.models at width {width}, MHGD backend auto; {header['device_name']}, torch "
                f"{header['torch_version']}; median ms of {repeats} round-robin repeats after one warm-up.")
     return {"header": header, "caption": caption, "results": times,
             "table": bench_compression.format_mhgd(times), "errors": [], "skipped": []}

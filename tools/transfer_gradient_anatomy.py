@@ -23,11 +23,11 @@ import statistics
 import torch
 
 import mhgd_fast as mf
-from mhgd_fast.data import BatchLoader, channel_stats
-from mhgd_fast.distiller import MHGDDistiller
-from mhgd_fast.models import build_model
-from mhgd_fast.pipeline import PipelineConfig, checkpoint
-from mhgd_fast.pipeline.stages import load_datasets
+from mhgd_fast.training.data import BatchLoader, channel_stats
+from mhgd_fast.training.distiller import MHGDDistiller
+from mhgd_fast.training.models import build_model
+from mhgd_fast.training import PipelineConfig, checkpoint
+from mhgd_fast.training.stages import load_datasets
 
 
 def rank_correlation(a, b) -> float:

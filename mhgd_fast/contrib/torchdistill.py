@@ -1,7 +1,7 @@
 """MHGD as a torchdistill plug-in. List this module under a config's ``dependencies:`` and the
 keys below become usable in it (each registered with torchdistill's own decorators):
 
-* model ``mhgd_fast_model``: a network of :func:`mhgd_fast.models.build_model` (``name``,
+* model ``mhgd_fast_model``: a network of :func:`mhgd_fast.training.models.build_model` (``name``,
   ``num_classes``, ``width``), optionally loaded from a checkpoint of the pipeline or a state dict;
 * auxiliary model wrapper ``Teacher4MHGD``: the frozen teacher (eval mode, no gradient) next to
   the MHGD graph network. With ``trains_heads: True`` (stage 1) the heads learn the estimator loss
@@ -50,11 +50,11 @@ except ModuleNotFoundError as exc:
                       "pip install .[torchdistill]  (or: pip install 'torchdistill>=1.1')") from exc
 
 from ..balancing import balanced_backward
-from ..data import channel_stats, synthetic_dataset
-from ..distiller import feature_channels
-from ..distributed import all_reduce_grads, any_rank
-from ..models import build_model
 from ..module import MHGD
+from ..training.data import channel_stats, synthetic_dataset
+from ..training.distiller import feature_channels
+from ..training.distributed import all_reduce_grads, any_rank
+from ..training.models import build_model
 
 __all__ = ["mhgd_fast_model", "SyntheticImages", "Teacher4MHGD", "MHGDEstimatorLoss", "MHGDLoss", "MHGDTerms",
            "forward_batch_only_no_sync", "mhgd_balanced_post_forward_process"]
@@ -62,12 +62,12 @@ __all__ = ["mhgd_fast_model", "SyntheticImages", "Teacher4MHGD", "MHGDEstimatorL
 
 @register_model(key="mhgd_fast_model")
 def mhgd_fast_model(name: str, num_classes: int = 100, width: float = 1.0, checkpoint: Optional[str] = None):
-    """A CIFAR network of :func:`mhgd_fast.models.build_model`. ``checkpoint``: a file of the
+    """A CIFAR network of :func:`mhgd_fast.training.models.build_model`. ``checkpoint``: a file of the
     pipeline (``<run>/checkpoints/teacher.pt``; its sha256 is checked), a torchdistill checkpoint
     (``{"model": state}``) or a plain state dict."""
     model = build_model(name, num_classes, width)
     if checkpoint:
-        from ..pipeline import checkpoint as pipeline_checkpoint
+        from ..training import checkpoint as pipeline_checkpoint
         state = pipeline_checkpoint.load(os.path.expanduser(checkpoint))
         if "modules" in state:
             state = state["modules"]["model"]
@@ -78,7 +78,7 @@ def mhgd_fast_model(name: str, num_classes: int = 100, width: float = 1.0, check
 
 
 class SyntheticImages(torch.utils.data.Dataset):
-    """The built-in synthetic dataset (:func:`mhgd_fast.data.synthetic_dataset`) as a torch
+    """The built-in synthetic dataset (:func:`mhgd_fast.training.data.synthetic_dataset`) as a torch
     ``Dataset`` of ``(float image [3, 32, 32], int label)``, normalised per channel by ``mean`` /
     ``std`` (default: this set's own statistics). ``transform`` is applied to each image after."""
 

@@ -1,7 +1,7 @@
 """Checkpoints that resume exactly: weights, optimiser, scheduler, every RNG, position in the run.
 
 The data order and augmentation are functions of ``(seed, epoch, step)`` (see
-:class:`mhgd_fast.data.BatchLoader`), so the position ``(epoch, step)`` restores them.
+:class:`mhgd_fast.training.data.BatchLoader`), so the position ``(epoch, step)`` restores them.
 
 Each phase keeps its last two checkpoints, ``<phase>.pt`` and ``<phase>.prev.pt``. Every file
 carries the sha256 of its contents (:func:`digest`) under ``"checkpoint_sha256"``, checked on

@@ -19,8 +19,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..data import BatchLoader
-from ..distributed import any_rank, broadcast_buffers, collective_failure
+from .data import BatchLoader
+from .distributed import any_rank, broadcast_buffers, collective_failure
 from . import checkpoint
 from .faults import Faults
 from .precision import Precision

@@ -1,52 +1,33 @@
-"""Benchmark cases and timing harness, shared by ``mhgd-fast bench`` and ``benchmarks/`` (pytest-benchmark).
+"""The op benchmark: ``mhgd-fast bench`` (the default suite) and ``benchmarks/test_bench_ops.py``.
 
 Cases: ``graph_kl`` at H=8, N=M=128, d ∈ {96, 192}; ``topk_singular_vectors`` at B=128 on the three
 ResNet8 stage maps, k ∈ {1, 4}. Each is timed forward only (``"fwd"``, under ``torch.no_grad``) and
 forward + backward of a scalar loss (``"fwd+bwd"``), on every backend that can run the op on the
-chosen device, so compiled kernels are picked up as soon as ``OP_KERNELS`` lists them.
-Times are wall-clock milliseconds per call: the median and the min–max over the timed calls.
+chosen device: the reference, and the device's compiled backend where it is available (every op
+timed here has cpu and cuda kernels). Timing is :mod:`benchmarks.harness`'s: the median and the
+min–max over the timed calls, in ms.
 """
 from __future__ import annotations
 
-import datetime
 import functools
-import json
-import os
-import platform
-import statistics
-import time
-from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from . import __version__, ops
-from .backends import OP_KERNELS, available_backends
+from mhgd_fast import available_backends, ops
+
+from . import harness
+from .harness import SEED, Device, Repeats, Step
 
 OPS = ("graph_kl", "topk_singular_vectors")
 MODES = ("fwd", "fwd+bwd")
-DEFAULT_THREADS = 2
-SEED = 0
-
 GRAPH_KL_HEADS = 8
 GRAPH_KL_ROWS = 128  # N = M = the batch size B: one graph node per sample
 GRAPH_KL_DIMS = (96, 192)
 TOPK_BATCH = 128
 TOPK_MAPS = ((64, 32, 32), (128, 16, 16), (256, 8, 8))  # (C, H, W) of ResNet8's stages on CIFAR
 TOPK_KS = (1, 4)  # teacher keeps 1 vector, student 4 (MHGD_SPEC.md §3)
-
-Step = Callable[[], None]
-Device = Union[str, torch.device]
-
-
-@dataclass(frozen=True)
-class Repeats:
-    warmup: int  # untimed calls first: allocator, thread pool and caches warm up
-    repeat: int  # timed calls
-
-
-QUICK = Repeats(warmup=1, repeat=3)
-FULL = Repeats(warmup=2, repeat=7)
 
 
 def _step(mode: str, forward: Callable[[], torch.Tensor],
@@ -121,10 +102,11 @@ def cases(op_names: Sequence[str] = OPS) -> List[Case]:
 
 def runnable_backends(op: str, device: Device) -> List[str]:
     """Backends that can run ``op`` on ``device``: the reference, plus the device's compiled
-    backend once ``OP_KERNELS`` lists a kernel for ``op``."""
+    backend when it is available here."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {list(OPS)}")
     device_type = torch.device(device).type
-    return [backend for backend in available_backends()
-            if backend == "reference" or (backend == device_type and backend in OP_KERNELS[op])]
+    return [backend for backend in available_backends() if backend in ("reference", device_type)]
 
 
 @dataclass(frozen=True)
@@ -154,30 +136,6 @@ def plan(op_names: Sequence[str] = OPS, backends: Optional[Sequence[str]] = None
             if backends is None or backend in backends]
 
 
-def synchronized(step: Step, device: Device) -> Step:
-    """``step``, then a device sync on CUDA, so that a timer around it sees the kernels finish."""
-    if torch.device(device).type != "cuda":
-        return step
-
-    def step_then_sync():
-        step()
-        torch.cuda.synchronize(device)
-    return step_then_sync
-
-
-def time_step(step: Step, device: Device, repeats: Repeats) -> List[float]:
-    """Milliseconds taken by each of ``repeats.repeat`` calls of ``step``, after the warm-up calls."""
-    call = synchronized(step, device)
-    for _ in range(repeats.warmup):
-        call()
-    samples = []
-    for _ in range(repeats.repeat):
-        start = time.perf_counter()
-        call()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return samples
-
-
 @dataclass(frozen=True)
 class Result:
     op: str
@@ -193,41 +151,16 @@ class Result:
 
 
 def measure(job: Job, repeats: Repeats) -> Result:
-    samples = time_step(job.make_step(), job.device, repeats)
+    spread = harness.Spread.of(harness.time_step(job.make_step(), job.device, repeats))
     return Result(op=job.case.op, case=job.case.shape, mode=job.mode, backend=job.backend,
-                  device=job.device, median_ms=statistics.median(samples), min_ms=min(samples),
-                  max_ms=max(samples), repeats=len(samples), threads=torch.get_num_threads())
+                  device=job.device, median_ms=spread.median_ms, min_ms=spread.min_ms,
+                  max_ms=spread.max_ms, repeats=spread.repeats, threads=torch.get_num_threads())
 
 
-def cpu_model() -> Optional[str]:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` reports, else None."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def header(device: Device, repeats: Repeats) -> Dict[str, object]:
-    """Where and how the results were measured; call it after setting the thread count."""
-    device = torch.device(device)
-    return {
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "mhgd_fast_version": __version__,
-        "torch_version": torch.__version__,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "available_backends": available_backends(),
-        "warmup": repeats.warmup,
-        "repeat": repeats.repeat,
-        "spread": "min_ms..max_ms over the timed calls",
-    }
+def run(jobs: Sequence[Job], repeats: Repeats, progress: Callable[[Iterable[Job]], Iterable[Job]] = iter
+        ) -> List[Result]:
+    """Every job measured in turn; ``progress`` wraps the job list (e.g. a tqdm bar)."""
+    return [measure(job, repeats) for job in progress(jobs)]
 
 
 def caption(run_header: Dict[str, object]) -> str:
@@ -245,9 +178,3 @@ def format_markdown(results: Sequence[Result]) -> str:
     lines += [f"| {r.op} | {r.case} | {r.mode} | {r.backend} | {r.device} | {r.median_ms:.2f} "
               f"| {r.min_ms:.2f}–{r.max_ms:.2f} | {r.repeats} | {r.threads} |" for r in results]
     return "\n".join(lines)
-
-
-def write_json(path: str, run_header: Dict[str, object], results: Sequence[Result]) -> None:
-    with open(path, "w", encoding="utf-8") as out:
-        json.dump({"header": run_header, "results": [asdict(r) for r in results]}, out, indent=2)
-        out.write("\n")

@@ -1,6 +1,6 @@
 """``mhgd-fast demo``: the whole method in a few minutes on the built-in synthetic dataset.
 
-The configuration is the ``demo`` setting of :mod:`mhgd_fast.pipeline.settings`, chosen by rules
+The configuration is the ``demo`` setting of :mod:`mhgd_fast.training.settings`, chosen by rules
 fixed before its result was seen: the authors' recipe unchanged (8 heads, 4 student vectors,
 tanh, scale 1, balancing cap 1, their learning rates and schedule shape); stage 1 : stage 2 epochs
 = 40 : 100 (4 : 10); a ResNet-14 teacher and a ResNet-8 student at half width (8/16/32 channels)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .distributed import all_ranks
 from .features import FeatureCapture, unwrap
-from .module import MHGD
+from ..module import MHGD
 
 __all__ = ["KDLoss", "Distiller", "StudentOnly", "KDDistiller", "MHGDDistiller", "feature_channels"]
 
@@ -104,7 +104,7 @@ class MHGDDistiller(Distiller):
     :meth:`MHGD.forward` (``all_gather_columns`` builds graphs over the global batch).
 
     The gather is a collective operation, so with one the processes first agree, through
-    ``agree`` (default :func:`mhgd_fast.distributed.all_ranks`, the default process group), that
+    ``agree`` (default :func:`mhgd_fast.training.distributed.all_ranks`, the default process group), that
     every one of them has finite inputs; when any has not, every process skips the gather and
     returns a NaN transfer loss, and none waits for a gather the others never start.
     """

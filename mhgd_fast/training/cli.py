@@ -1,6 +1,6 @@
-"""The ``demo`` and ``train`` subcommands of ``mhgd-fast`` (wired into ``mhgd_fast.cli``).
+"""The ``demo``, ``train`` and ``study`` subcommands of ``mhgd-fast`` (wired into :mod:`mhgd_fast.cli`).
 
-``train`` exposes every :class:`~mhgd_fast.pipeline.PipelineConfig` field as a flag whose
+``train`` exposes every :class:`~mhgd_fast.training.config.PipelineConfig` field as a flag whose
 default is the authors' value; the config is saved as ``<run-dir>/config.json``. Running the same
 command again resumes the run. Under ``torchrun`` it trains with DDP.
 """
@@ -12,15 +12,15 @@ import sys
 
 from tqdm import tqdm
 
-from .distributed import collective_failure
-from .pipeline import (METHODS, DistributedFailure, NonFiniteLossError, PipelineConfig, RunDirMismatch,
-                       TrainingInterrupted, run_demo, run_pipeline)
-from .pipeline.checkpoint import CheckpointError
-from .pipeline.config import AMP_CHOICES, parse_scale
-from .pipeline.records import TensorBoardUnavailable
-from .pipeline.study import run_study
-from .pipeline.settings import SETTINGS, study_config
+from . import (METHODS, DistributedFailure, NonFiniteLossError, PipelineConfig, RunDirMismatch,
+               TrainingInterrupted, run_demo, run_pipeline)
+from .checkpoint import CheckpointError
+from .config import AMP_CHOICES, parse_scale
 from .data import DataFolderError
+from .distributed import collective_failure
+from .records import TensorBoardUnavailable
+from .settings import SETTINGS, study_config
+from .study import run_study
 
 __all__ = ["add_subcommands", "config_from_args", "cmd_train", "cmd_demo"]
 

@@ -17,11 +17,11 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import balanced_backward, weighted_backward
-from ..data import BatchLoader, ImageSet, channel_stats, load_cifar, synthetic_dataset
-from ..distiller import Distiller, KDDistiller, MHGDDistiller
-from ..distributed import all_gather_columns, all_reduce_grads, init_from_env
-from ..features import unwrap
-from ..models import build_model
+from .data import BatchLoader, ImageSet, channel_stats, load_cifar, synthetic_dataset
+from .distiller import Distiller, KDDistiller, MHGDDistiller
+from .distributed import all_gather_columns, all_reduce_grads, init_from_env
+from .features import unwrap
+from .models import build_model
 from . import checkpoint
 from .config import LATER_FIELDS, PipelineConfig
 from .loop import Phase, RunContext, evaluate, run_phase

@@ -3,7 +3,7 @@
 ``build_model(name, num_classes, width)`` understands ``resnet{8,14,20,32,56,110}`` (optionally
 ``x<k>`` for k-times wider stages, e.g. ``resnet32x4``), ``wrn-<depth>-<k>``, ``vgg{8,11,13,16,19}``
 and ``mobilenet``. Every model has ``sensing_points``: module paths for
-:class:`mhgd_fast.features.FeatureCapture`.
+:class:`mhgd_fast.training.features.FeatureCapture`.
 """
 from __future__ import annotations
 

@@ -1,30 +1,26 @@
-"""Compression cost per feature map: the fast op against torch.linalg.svd and against
-smaller-side Gram + torch.linalg.eigh (the reference backend), fwd and fwd+bwd, in ONE run so the
-ratios share the machine's load; optionally the whole MHGD transfer loss next to ResNet8/ResNet32
-(mhgd_fast.models at width 4: stage widths 64/128/256). The functions take a ``device``; the command
-times the CPU, ``tools/gpu_check.py`` the GPU.
+"""The compression benchmark (``mhgd-fast bench --suite compression``, ``tools/gpu_check.py``,
+``benchmarks/test_bench_svd.py``): per feature map, the fast op against torch.linalg.svd and
+against smaller-side Gram + torch.linalg.eigh (the reference backend), fwd and fwd+bwd, in ONE run
+so the ratios share the machine's load; the floor of any Gram-based fwd+bwd; and the whole MHGD
+transfer loss next to a ResNet32 fwd and a ResNet8 fwd+bwd (:mod:`mhgd_fast.training.models` at
+width 4: stage widths 64/128/256). The functions take a ``device``: the command times the CPU,
+``tools/gpu_check.py`` the GPU.
 
-    mhgd-fast bench --suite compression [--threads 2] [--repeats 7] [--batch 128] [--mhgd]
-    python -m mhgd_fast.bench_compression [same flags]
-
-Methods are timed round-robin (one repetition of each in turn, each followed by a device sync on
-a GPU) and reported as medians; the inputs are post-ReLU Gaussian maps, whose flat bulk spectrum is
-the hard case for the iteration.
+Methods are timed round-robin (:func:`benchmarks.harness.round_robin`: one call of each in turn,
+each followed by a device sync on a GPU, one warm-up round) and reported as medians; the inputs are
+post-ReLU Gaussian maps, whose flat bulk spectrum is the hard case for the iteration.
 """
 from __future__ import annotations
 
-import argparse
-import platform
-import statistics
-import time
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
 import mhgd_fast as mf
-from mhgd_fast import bench
-from mhgd_fast.features import FeatureCapture
-from mhgd_fast.models import build_model
+from mhgd_fast.training.features import FeatureCapture
+from mhgd_fast.training.models import build_model
+
+from . import harness
 
 PAPER_SHAPES = [(64, 32), (128, 16), (256, 8)]  # (C, side): ResNet stage outputs on CIFAR
 
@@ -45,17 +41,9 @@ def compression_methods(backend: str) -> Dict[str, Callable]:
     }
 
 
-def round_robin(fns: Dict[str, Callable[[], object]], repeats: int, device: str = "cpu") -> Dict[str, List[float]]:
-    calls = {name: bench.synchronized(fn, device) for name, fn in fns.items()}
-    times = {name: [] for name in calls}
-    for fn in calls.values():
-        fn()  # warm-up
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return times
+def _rounds(repeats: int) -> harness.Repeats:
+    """One warm-up round, then ``repeats`` timed ones."""
+    return harness.Repeats(warmup=1, repeat=repeats)
 
 
 def compression_times(batch: int, repeats: int, backend: str, device: str = "cpu",
@@ -72,7 +60,7 @@ def compression_times(batch: int, repeats: int, backend: str, device: str = "cpu
             for name, method in methods.items():
                 fns[("fwd", name)] = (lambda m=method: m(fm, k))
                 fns[("fwd+bwd", name)] = (lambda m=method: torch.autograd.grad((m(fm_g, k) * w).sum(), fm_g))
-            times = {key: statistics.median(v) for key, v in round_robin(fns, repeats, device).items()}
+            times = harness.medians(harness.round_robin(fns, _rounds(repeats), device))
             rows += [{"map": f"{c}×{side}×{side}", "k": k, "pass": stage,
                       "ms": {m: times[(stage, m)] for m in methods}} for stage in ("fwd", "fwd+bwd")]
     return rows
@@ -92,30 +80,35 @@ def format_compression(rows: Sequence[dict], backend: str) -> List[str]:
     return lines
 
 
-def compression_table(batch: int, repeats: int, backend: str, device: str = "cpu") -> List[str]:
-    return format_compression(compression_times(batch, repeats, backend, device), backend)
-
-
-def floor_table(batch: int, repeats: int, backend: str) -> List[str]:
-    """What any Gram-based fwd+bwd must spend at k = 4: the Gram GEMM and writing a fresh gradient
-    of fm's size (allocation + first touch), next to the svd path and the fast op, in one run."""
-    lines = ["| map (C×H×W) | Gram GEMM ms | fresh fm-sized gradient ms | floor = sum ms | fast fwd+bwd ms "
-             "| svd fwd+bwd ms | svd / floor | svd / fast |", "|---|---|---|---|---|---|---|---|"]
+def floor_times(batch: int, repeats: int, backend: str) -> List[dict]:
+    """What any Gram-based fwd+bwd must spend at k = 4, per map: the Gram GEMM and writing a fresh
+    gradient of fm's size (allocation + first touch), next to the svd path and the fast op, in one
+    run on the CPU. One row per map: ``{"map", "ms": {"gram", "grad", "fast", "svd"}}``."""
+    rows = []
     for c, side in PAPER_SHAPES:
         fm = torch.relu(torch.randn(batch, c, side, side))
-        rows = fm.reshape(batch, c, -1)
+        flat = fm.reshape(batch, c, -1)
         fm_g = fm.clone().requires_grad_()
         w = torch.randn(batch, 4, c)
         fns = {
-            "gram": (lambda: rows @ rows.transpose(1, 2)) if side * side >= c else (lambda: rows.transpose(1, 2) @ rows),
+            "gram": (lambda: flat @ flat.transpose(1, 2)) if side * side >= c else (lambda: flat.transpose(1, 2) @ flat),
             "grad": lambda: torch.empty_like(fm).fill_(0.0),
             "fast": lambda: torch.autograd.grad(
                 (mf.ops.topk_singular_vectors(fm_g, 4, backend=backend) * w).sum(), fm_g),
             "svd": lambda: torch.autograd.grad((svd_path(fm_g, 4) * w).sum(), fm_g),
         }
-        t = {key: statistics.median(v) for key, v in round_robin(fns, repeats).items()}
+        rows.append({"map": f"{c}×{side}×{side}", "ms": harness.medians(harness.round_robin(fns, _rounds(repeats)))})
+    return rows
+
+
+def format_floor(rows: Sequence[dict]) -> List[str]:
+    """:func:`floor_times` as Markdown table lines."""
+    lines = ["| map (C×H×W) | Gram GEMM ms | fresh fm-sized gradient ms | floor = sum ms | fast fwd+bwd ms "
+             "| svd fwd+bwd ms | svd / floor | svd / fast |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        t = row["ms"]
         floor = t["gram"] + t["grad"]
-        lines.append(f"| {c}×{side}×{side} | {t['gram']:.1f} | {t['grad']:.1f} | {floor:.1f} | {t['fast']:.1f} "
+        lines.append(f"| {row['map']} | {t['gram']:.1f} | {t['grad']:.1f} | {floor:.1f} | {t['fast']:.1f} "
                      f"| {t['svd']:.1f} | {t['svd'] / floor:.1f}× | {t['svd'] / t['fast']:.1f}× |")
     return lines
 
@@ -128,7 +121,7 @@ TEACHER, STUDENT = "resnet32", "resnet8"
 def mhgd_parts(batch: int, device: str = "cpu", width: float = 4) -> Dict[str, Callable[[], object]]:
     """One training step's parts at B=batch: teacher ResNet32 fwd, student ResNet8 fwd+bwd, and the
     whole MHGD transfer loss fwd+bwd (3 maps, teacher k=1, student k=4, 2 pairs, fastest backend).
-    The networks are :func:`mhgd_fast.models.build_model`'s at ``width`` (4: stages 64/128/256)."""
+    The networks are :func:`mhgd_fast.training.models.build_model`'s at ``width`` (4: stages 64/128/256)."""
     teacher = build_model(TEACHER, 100, width).to(device).eval()
     student = build_model(STUDENT, 100, width).to(device)
     images = torch.rand(batch, 3, 32, 32).to(device)
@@ -158,8 +151,7 @@ def mhgd_parts(batch: int, device: str = "cpu", width: float = 4) -> Dict[str, C
 
 def mhgd_times(batch: int, repeats: int, device: str = "cpu", width: float = 4) -> Dict[str, float]:
     """Median ms of each of :func:`mhgd_parts`, timed round-robin."""
-    parts = mhgd_parts(batch, device, width)
-    return {name: statistics.median(v) for name, v in round_robin(parts, repeats, device).items()}
+    return harness.medians(harness.round_robin(mhgd_parts(batch, device, width), _rounds(repeats), device))
 
 
 def format_mhgd(times: Dict[str, float]) -> List[str]:
@@ -170,33 +162,26 @@ def format_mhgd(times: Dict[str, float]) -> List[str]:
     return lines
 
 
-def mhgd_table(batch: int, repeats: int, device: str = "cpu") -> List[str]:
-    return format_mhgd(mhgd_times(batch, repeats, device))
+def fast_backend() -> str:
+    """The backend of the "fast" column on the CPU: the compiled one, else the reference."""
+    return "cpu" if "cpu" in mf.available_backends() else "reference"
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--mhgd", action="store_true", help="also time the whole MHGD loss vs ResNets")
-    parser.add_argument("--floor", action="store_true",
-                        help="also time the floor of any Gram-based fwd+bwd (Gram GEMM + gradient write)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    backend = "cpu" if "cpu" in mf.available_backends() else "reference"
-    print(f"mhgd_fast {mf.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{args.threads} threads, B={args.batch}, float32, medians of {args.repeats} round-robin repeats, "
-          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    print("\n".join(compression_table(args.batch, args.repeats, backend)))
-    if args.floor:
-        print()
-        print("\n".join(floor_table(args.batch, args.repeats, backend)))
-    if args.mhgd:
-        print()
-        print("\n".join(mhgd_table(args.batch, args.repeats)))
+def run(batch: int, repeats: int, floor: bool = True, mhgd: bool = True) -> Dict[str, object]:
+    """The whole suite on the CPU, seeded: ``{"backend", "compression", "floor", "mhgd"}`` (the last
+    two None when not asked for)."""
+    torch.manual_seed(harness.SEED)
+    backend = fast_backend()
+    return {"backend": backend, "compression": compression_times(batch, repeats, backend),
+            "floor": floor_times(batch, repeats, backend) if floor else None,
+            "mhgd": mhgd_times(batch, repeats) if mhgd else None}
 
 
-if __name__ == "__main__":
-    main()
+def format_run(results: Dict[str, object]) -> str:
+    """:func:`run`'s tables, blank-line separated."""
+    tables = [format_compression(results["compression"], results["backend"])]
+    if results["floor"] is not None:
+        tables.append(format_floor(results["floor"]))
+    if results["mhgd"] is not None:
+        tables.append(format_mhgd(results["mhgd"]))
+    return "\n\n".join("\n".join(lines) for lines in tables)
