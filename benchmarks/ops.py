@@ -27,7 +27,7 @@ GRAPH_KL_ROWS = 128  # N = M = the batch size B: one graph node per sample
 GRAPH_KL_DIMS = (96, 192)
 TOPK_BATCH = 128
 TOPK_MAPS = ((64, 32, 32), (128, 16, 16), (256, 8, 8))  # (C, H, W) of ResNet8's stages on CIFAR
-TOPK_KS = (1, 4)  # teacher keeps 1 vector, student 4 (MHGD_SPEC.md §3)
+TOPK_KS = (1, 4)  # teacher keeps 1 vector, student 4 (docs/method.md §3)
 
 
 def _step(mode: str, forward: Callable[[], torch.Tensor],

@@ -1,6 +1,6 @@
 """mhgd_fast: multi-head attention graph knowledge distillation (Lee & Song, BMVC 2019), fast.
 
-Public contract (MHGD_SPEC.md §8)::
+Public API (README.md, "The ops on their own")::
 
     import mhgd_fast as mf
     mf.available_backends(); mf.build_info()

@@ -1,4 +1,4 @@
-"""Backend names, which of them this process can use, and how ``backend=`` resolves (MHGD_SPEC.md §8).
+"""Backend names, which of them this process can use, and how ``backend=`` resolves (README.md, "The ops on their own").
 
 ``"reference"`` (pure PyTorch) is always usable. ``"cpu"`` and ``"cuda"`` are the compiled kernels
 of the extension: ``"cpu"`` is usable when the extension was built with it, ``"cuda"`` when it was

@@ -1,4 +1,4 @@
-"""Gradient balancing of the authors' stage-2 optimiser (MHGD_SPEC.md §6).
+"""Gradient balancing of the authors' stage-2 optimiser (docs/method.md §6).
 
 For every student parameter tensor separately::
 

@@ -1,4 +1,4 @@
-"""The MHGD graph network as an ``nn.Module`` (MHGD_SPEC.md §2, §4–§6).
+"""The MHGD graph network as an ``nn.Module`` (docs/method.md §2, §4–§6).
 
 ``MHGD(channels)`` holds one :class:`GraphPair` per pair of consecutive sensing points.
 Stage 1 trains it with :meth:`MHGD.estimator_loss` on teacher features; stage 2 calls

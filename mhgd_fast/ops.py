@@ -1,4 +1,4 @@
-"""Public ops of MHGD_SPEC.md §8: validated, then dispatched to a backend.
+"""The public ops (README.md, "The ops on their own"): validated, then dispatched to a backend.
 
 ``backend="auto"`` takes the compiled kernel for the tensors' device, else the pure-PyTorch
 reference (:func:`~mhgd_fast.backends.resolve`). Naming a backend that cannot run raises

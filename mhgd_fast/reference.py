@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference backend: the readable statement of MHGD's math (MHGD_SPEC.md §3–§7).
+"""Pure-PyTorch reference backend: the readable statement of MHGD's math (docs/method.md §3–§7).
 
 Every fast path of this package is tested against the functions here. They assume validated
 inputs (see :mod:`mhgd_fast.ops` for the public, checked entry points) and compute in the

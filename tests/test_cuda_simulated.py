@@ -1,4 +1,4 @@
-"""CUDA kernels run in the host SIMT simulator (tests/simt) against the reference (MHGD_SPEC.md §11).
+"""CUDA kernels run in the host SIMT simulator (tests/simt) against the reference (docs/design.md §4).
 
 The simulator compiles the same csrc/cuda/*.cuh headers that nvcc compiles; a planted bug must
 make the comparison fail, and nvcc's resource report must show no warnings or spills.

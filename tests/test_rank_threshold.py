@@ -1,4 +1,4 @@
-"""One rank threshold for topk_singular_vectors in every backend (MHGD_SPEC.md §3).
+"""One rank threshold for topk_singular_vectors in every backend (docs/method.md §3).
 
 A singular value computed from a Gram is √(λ_max·noise): with eps = √ε of float64 the zero tail
 of a rank-deficient map sat at the threshold, and the cpu and reference backends returned zeros

@@ -1,4 +1,4 @@
-"""The compiled topk_singular_vectors kernels, cpu and cuda (MHGD_SPEC.md §3).
+"""The compiled topk_singular_vectors kernels, cpu and cuda (docs/method.md §3).
 
 Accuracy is judged against a float64 SVD / the float64 reference: |cos| ≥ 0.99999 for every
 vector whose relative gap (σ_i − σ_{i+1})/σ_1 and (σ_{i−1} − σ_i)/σ_1 is ≥ 1e-3, and gradients

@@ -1,4 +1,4 @@
-"""The pipeline's configuration. Defaults are the authors' (MHGD_SPEC.md §5–§6): ResNet32x4 →
+"""The pipeline's configuration. Defaults are the authors' (docs/method.md §5–§6): ResNet32x4 →
 ResNet8x4 on CIFAR-100, batch 128, stage 1 for 40 epochs at lr 0.1, stage 2 for 100 epochs at
 lr 0.1 × 0.1 at 30/60/80 %, SGD Nesterov 0.9, weight decay 5e-4, 8 heads, 4 student vectors."""
 from __future__ import annotations

@@ -119,7 +119,7 @@ class MHGDDistiller(Distiller):
         s_ch, t_ch = feature_channels(student, student_points), feature_channels(teacher, teacher_points)
         if s_ch != t_ch:
             raise ValueError(f"teacher and student must have the same channels at each sensing point "
-                             f"(MHGD_SPEC.md §2): teacher {t_ch} at {list(teacher_points)}, "
+                             f"(docs/method.md §2): teacher {t_ch} at {list(teacher_points)}, "
                              f"student {s_ch} at {list(student_points)}")
         self.mhgd = mhgd if mhgd is not None else MHGD(t_ch, **mhgd_kwargs)
         self.gather, self.agree = gather, agree

@@ -1,7 +1,7 @@
 """CIFAR ResNets (He et al. 2016, §4.2): depth 6n+2, three stages of n basic blocks.
 
 ``width`` scales the stage widths 16/32/64; the authors' ResNet32 → ResNet8 pair uses
-``width=4`` (64/128/256), known elsewhere as resnet32x4 / resnet8x4. Sensing points (MHGD_SPEC.md
+``width=4`` (64/128/256), known elsewhere as resnet32x4 / resnet8x4. Sensing points (docs/method.md
 §2) are the outputs of the three stages.
 """
 from __future__ import annotations

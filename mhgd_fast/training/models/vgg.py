@@ -1,5 +1,5 @@
 """CIFAR VGG with batch norm: five conv blocks (64/128/256/512/512 × ``width``), each closed by
-2×2 max pooling, then one linear classifier. Sensing points (MHGD_SPEC.md §2, five for VGG): the
+2×2 max pooling, then one linear classifier. Sensing points (docs/method.md §2, five for VGG): the
 last ReLU of each block, addressed as ``features.<index>``."""
 from __future__ import annotations
 
