@@ -1,8 +1,12 @@
-// Host-side pieces of the graph_kl kernels shared by the CPU and CUDA implementations: inputs
-// prepared in the accumulation dtype, and the gradients each pass is asked for.
+// The host side of the graph_kl ops, one definition for the CPU and the CUDA kernels: inputs
+// prepared in the accumulation dtype, the gradients each pass is asked for, and the three op
+// entry points (graph_kl_op, graph_kl_backward_op, graph_kl_fused_op), templates over the
+// device's pass (graph_kl_cpu.cpp's CpuPass, graph_kl_cuda.cu's CudaPass).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
 
 #include <array>
 #include <tuple>
@@ -73,6 +77,74 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_grads(c
     return grad.defined() ? grad.to(dtype) : at::zeros(x.sizes(), x.options().dtype(dtype));
   };
   return {finish(g.dq_s, q_s), finish(g.dk_s, k_s), finish(g.dq_t, q_t), finish(g.dk_t, k_t)};
+}
+
+// The op entry points. `Device` provides:
+//   Device::Guard     constructed from an input tensor, keeps its device current for the call;
+//   Device::kName     the name the dtype dispatch reports;
+//   Device::run<T>(p, forward, kl, stats_s, stats_t, row_grad, grad_scalar, g)
+//                     one pass over every graph row: with `forward`, writes kl [H, N] and the row
+//                     statistics [H, N, 2], else reads them; then the gradients `g` asks for, with
+//                     dL/dKL_i = row_grad[i] (row_grad defined) or grad_scalar for every row.
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_kl_op(const at::Tensor& q_s, const at::Tensor& k_s,
+                                                           const at::Tensor& q_t, const at::Tensor& k_t,
+                                                           bool squash_tanh, double scale, bool teacher_student) {
+  const typename Device::Guard guard(q_s);
+  const GraphKL p = prepare(q_s, k_s, q_t, k_t, squash_tanh, scale, teacher_student);
+  at::Tensor kl = at::empty({p.heads(), p.rows()}, p.q_s.options());
+  at::Tensor stats_s = at::empty({p.heads(), p.rows(), 2}, p.q_s.options()), stats_t = at::empty_like(stats_s);
+  Grads none = make_grads(p, {});
+  AT_DISPATCH_FLOATING_TYPES(p.q_s.scalar_type(), Device::kName, [&] {
+    Device::template run<scalar_t>(p, true, kl, stats_s, stats_t, at::Tensor(), scalar_t(0), none);
+  });
+  return {kl, stats_s, stats_t};
+}
+
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_kl_backward_op(
+    const at::Tensor& grad_rows, const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
+    const at::Tensor& k_t, const at::Tensor& kl, const at::Tensor& stats_s, const at::Tensor& stats_t,
+    bool squash_tanh, double scale, bool teacher_student, std::array<bool, 4> grad_mask) {
+  const typename Device::Guard guard(q_s);
+  const GraphKL p = prepare(q_s, k_s, q_t, k_t, squash_tanh, scale, teacher_student);
+  const auto acc = p.q_s.scalar_type();
+  check_graph_kl_row_tensors(p, grad_rows, kl, stats_s, stats_t);
+  const at::Tensor g_rows = grad_rows.to(acc).contiguous();
+  at::Tensor kl_c = kl.to(acc).contiguous(), ss = stats_s.to(acc).contiguous(), st = stats_t.to(acc).contiguous();
+  Grads g = make_grads(p, grad_mask);
+  AT_DISPATCH_FLOATING_TYPES(acc, Device::kName, [&] {
+    Device::template run<scalar_t>(p, false, kl_c, ss, st, g_rows, scalar_t(0), g);
+  });
+  return finish_grads(g, q_s, k_s, q_t, k_t);
+}
+
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_kl_fused_op(
+    const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t, bool squash_tanh,
+    double scale, bool teacher_student, bool mean, std::array<bool, 4> grad_mask) {
+  const typename Device::Guard guard(q_s);
+  const GraphKL p = prepare(q_s, k_s, q_t, k_t, squash_tanh, scale, teacher_student);
+  const int64_t rows = p.heads() * p.rows();
+  TORCH_CHECK(!mean || rows > 0, "graph_kl: reduction='mean' needs at least one graph row");
+  at::Tensor kl = at::empty({p.heads(), p.rows()}, p.q_s.options());
+  at::Tensor stats_s = at::empty({p.heads(), p.rows(), 2}, p.q_s.options()), stats_t = at::empty_like(stats_s);
+  Grads g = make_grads(p, grad_mask);
+  AT_DISPATCH_FLOATING_TYPES(p.q_s.scalar_type(), Device::kName, [&] {
+    const scalar_t grad_scalar = mean ? scalar_t(1) / static_cast<scalar_t>(rows) : scalar_t(1);
+    Device::template run<scalar_t>(p, true, kl, stats_s, stats_t, at::Tensor(), grad_scalar, g);
+  });
+  at::Tensor loss = mean ? kl.mean() : kl.sum();
+  auto [dq_s, dk_s, dq_t, dk_t] = finish_grads(g, q_s, k_s, q_t, k_t, /*accumulation=*/true);
+  return {loss, dq_s, dk_s, dq_t, dk_t};
+}
+
+// Registers the three graph_kl ops of `Device` with a TORCH_LIBRARY_IMPL's `m`.
+template <typename Device>
+void register_graph_kl(torch::Library& m) {
+  m.impl("graph_kl", &graph_kl_op<Device>);
+  m.impl("graph_kl_backward", &graph_kl_backward_op<Device>);
+  m.impl("graph_kl_fused", &graph_kl_fused_op<Device>);
 }
 
 }  // namespace mhgd_fast

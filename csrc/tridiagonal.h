@@ -1,7 +1,9 @@
 // Symmetric tridiagonal eigen-helpers shared by the CPU kernel and the CUDA kernel headers
-// (topk_singular_vectors, MHGD_SPEC.md §3). Sequential code: on the CPU one thread per sample
-// calls them, on CUDA one thread per wanted eigenpair. No torch includes (the host SIMT simulator
-// compiles this file too).
+// (topk_singular_vectors, MHGD_SPEC.md §3): Gershgorin bounds, the Sturm count, bisection, the
+// shifted LU and its scratch view, inverse iteration, the backward's plan and its per-column
+// complement correction. Sequential code: on the CPU one thread per sample calls them, on CUDA
+// one thread per wanted eigenpair. No torch includes (the host SIMT simulator compiles this file
+// too).
 //
 // T is given by its diagonal d[0..n) and off-diagonal e[0..n-1) (e[i] = T[i][i+1]).
 #pragma once
@@ -9,11 +11,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define MHGD_HD __host__ __device__ __forceinline__
-#else
-#define MHGD_HD inline
-#endif
+#include "host_device.h"
 
 namespace mhgd_fast {
 namespace tridiagonal {
@@ -38,6 +36,25 @@ MHGD_HD bool interval_open(const Bounds& b, double lo, double hi) {
   return hi - lo > b.tol + 2.0 * kDoubleEps * dabs(0.5 * (lo + hi));
 }
 
+// One pivot of the Sturm sequence (the LDLᵀ of T − x·I): pivot_i = d_i − x − e2_{i−1} / pivot_{i−1}
+// (no quotient for i = 0), a pivot smaller than pivmin in size replaced by −pivmin. Each negative
+// pivot counts one eigenvalue below x. Every Sturm count (sturm_count, the bisections here and the
+// CPU's lane-parallel bisection) takes its steps from here.
+MHGD_HD double sturm_pivot(double shifted_diagonal, double pivmin) {
+  return dabs(shifted_diagonal) < pivmin ? -pivmin : shifted_diagonal;
+}
+
+// Number of eigenvalues of T below x.
+MHGD_HD int64_t sturm_count(const double* d, const double* e2, int64_t n, double pivmin, double x) {
+  double q = sturm_pivot(d[0] - x, pivmin);
+  int64_t below = q < 0;
+  for (int64_t i = 1; i < n; ++i) {
+    q = sturm_pivot(d[i] - x - e2[i - 1] / q, pivmin);
+    below += q < 0;
+  }
+  return below;
+}
+
 MHGD_HD Bounds gershgorin(const double* d, const double* e, int64_t n) {
   Bounds b{d[0], d[0], 0.0, 0.0, 0.0};
   double emax = 0;
@@ -55,6 +72,17 @@ MHGD_HD Bounds gershgorin(const double* d, const double* e, int64_t n) {
   b.hi += pad;
   b.tol = 2.0 * kDoubleEps * b.norm + 4.0 * b.pivmin;
   return b;
+}
+
+// One bisection step: of [lo, hi] keeps the half that holds the eigenvalue of ascending index
+// `target`, given `below`, the Sturm count at the midpoint `mid`.
+template <typename Count>
+MHGD_HD void halve_interval(double& lo, double& hi, double mid, Count below, Count target) {
+  if (below > target) {
+    hi = mid;
+  } else {
+    lo = mid;
+  }
 }
 
 // Descending eigenvalues number first..first+m-1 of T (m ≤ kMaxTargets) by bisection on Sturm
@@ -75,38 +103,50 @@ MHGD_HD void bisect_descending(const double* d, const double* e2, int64_t n, con
       open = open || interval_open(b, lo[t], hi[t]);
     }
     if (!open) break;
-    // Number of eigenvalues below mid[t]: negative pivots of the LDLᵀ of T − mid·I.
+    // sturm_count at every mid[t], the targets interleaved per step of the recurrence.
     double q[kMaxTargets];
     for (int t = 0; t < m; ++t) {
-      q[t] = d[0] - mid[t];
-      if (dabs(q[t]) < b.pivmin) q[t] = -b.pivmin;
+      q[t] = sturm_pivot(d[0] - mid[t], b.pivmin);
       below[t] = q[t] < 0 ? 1 : 0;
     }
     for (int64_t i = 1; i < n; ++i) {
       for (int t = 0; t < m; ++t) {
-        double v = d[i] - mid[t] - e2[i - 1] / q[t];
-        if (dabs(v) < b.pivmin) v = -b.pivmin;
-        q[t] = v;
-        below[t] += v < 0 ? 1 : 0;
+        q[t] = sturm_pivot(d[i] - mid[t] - e2[i - 1] / q[t], b.pivmin);
+        below[t] += q[t] < 0 ? 1 : 0;
       }
     }
-    for (int t = 0; t < m; ++t) {
-      // Ascending index of the wanted value: n - 1 - (first + t).
-      if (below[t] > n - 1 - (first + t)) {
-        hi[t] = mid[t];
-      } else {
-        lo[t] = mid[t];
-      }
-    }
+    // Ascending index of the wanted value: n - 1 - (first + t).
+    for (int t = 0; t < m; ++t) halve_interval(lo[t], hi[t], mid[t], below[t], n - 1 - (first + t));
   }
   for (int t = 0; t < m; ++t) out[t] = 0.5 * (lo[t] + hi[t]);
 }
 
-// LU factorisation with partial pivoting of T − shift·I (LAPACK dlagtf's layout): u0 the diagonal
-// of U, u1/u2 its two super-diagonals, l the multipliers, swap[i] whether rows i, i+1 swapped.
-// A pivot below `tiny` is replaced by ±tiny (inverse iteration at an exact eigenvalue).
-MHGD_HD void shifted_lu(const double* d, const double* e, int64_t n, double shift, double tiny, double* u0, double* u1,
-                        double* u2, double* l, unsigned char* swap) {
+// The factors of a pivoted LU of T − shift·I (LAPACK dlagtf's layout): u0 the diagonal of U,
+// u1/u2 its two super-diagonals, l the multipliers, swap[i] whether rows i, i+1 swapped. They live
+// in kLuDoubles·n doubles of scratch: u0, u1, u2, l (n doubles each), then n bytes of swap flags.
+struct ShiftedLU {
+  double* u0;
+  double* u1;
+  double* u2;
+  double* l;
+  unsigned char* swap;
+};
+
+constexpr int64_t kLuDoubles = 5;
+
+// The factors' view of scratch `lu` (kLuDoubles·n doubles) for a T of order n.
+MHGD_HD ShiftedLU lu_view(double* lu, int64_t n) {
+  return {lu, lu + n, lu + 2 * n, lu + 3 * n, reinterpret_cast<unsigned char*>(lu + 4 * n)};
+}
+
+// LU factorisation with partial pivoting of T − shift·I into f. A pivot below `tiny` is replaced
+// by ±tiny (inverse iteration at an exact eigenvalue).
+MHGD_HD void shifted_lu(const double* d, const double* e, int64_t n, double shift, double tiny, const ShiftedLU& f) {
+  double* u0 = f.u0;
+  double* u1 = f.u1;
+  double* u2 = f.u2;
+  double* l = f.l;
+  unsigned char* swap = f.swap;
   double diag = d[0] - shift;
   double sup = n > 1 ? e[0] : 0.0;
   for (int64_t i = 0; i + 1 < n; ++i) {
@@ -140,8 +180,12 @@ MHGD_HD void shifted_lu(const double* d, const double* e, int64_t n, double shif
 }
 
 // Solves (T − shift·I) x = b in place (x = b on entry) with the factors of shifted_lu.
-MHGD_HD void shifted_solve(int64_t n, const double* u0, const double* u1, const double* u2, const double* l,
-                           const unsigned char* swap, double* x) {
+MHGD_HD void shifted_solve(int64_t n, const ShiftedLU& f, double* x) {
+  const double* u0 = f.u0;
+  const double* u1 = f.u1;
+  const double* u2 = f.u2;
+  const double* l = f.l;
+  const unsigned char* swap = f.swap;
   for (int64_t i = 0; i + 1 < n; ++i) {
     if (swap[i]) {
       const double t = x[i];
@@ -159,6 +203,9 @@ MHGD_HD void shifted_solve(int64_t n, const double* u0, const double* u1, const 
   }
 }
 
+// The pivot floor of shifted_lu for a T of norm `norm`.
+MHGD_HD double lu_tiny(double norm) { return dmax(kDoubleEps * norm, kSafeMin); }
+
 // A fixed, well-spread start vector for inverse iteration number `seed` (no RNG: deterministic).
 MHGD_HD double start_component(int64_t i, int seed) {
   uint64_t s = static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(seed + 1) * 0xBF58476D1CE4E5B9ull;
@@ -174,16 +221,14 @@ MHGD_HD bool same_cluster(double a, double b, double norm) { return dabs(a - b) 
 
 // Eigenvector of T for the eigenvalue `lambda` (accurate to rounding) by inverse iteration,
 // orthogonalised against the `prior` vectors (stride n) of its cluster. `x` receives it (unit
-// norm); u0..swap are scratch of n entries each.
+// norm); f: the LU's scratch.
 MHGD_HD void inverse_iteration(const double* d, const double* e, int64_t n, double lambda, double norm, int seed,
-                               const double* prior, int prior_count, double* x, double* u0, double* u1, double* u2,
-                               double* l, unsigned char* swap) {
-  const double tiny = dmax(kDoubleEps * norm, kSafeMin);
-  shifted_lu(d, e, n, lambda, tiny, u0, u1, u2, l, swap);
+                               const double* prior, int prior_count, double* x, const ShiftedLU& f) {
+  shifted_lu(d, e, n, lambda, lu_tiny(norm), f);
   for (int64_t i = 0; i < n; ++i) x[i] = start_component(i, seed);
   // Three solves that keep something after the orthogonalisation (at most three restarts).
   for (int iter = 0, kept = 0; iter < 6 && kept < 3; ++iter) {
-    shifted_solve(n, u0, u1, u2, l, swap, x);
+    shifted_solve(n, f, x);
     // Twice: when the solve lands almost on the prior vectors (a repeated eigenvalue of a T that
     // splits into blocks, as on a rank-deficient map), one pass leaves a remainder whose rounding
     // along them is not small against it (pairs off by 5e-3 from orthogonal were seen).
@@ -214,33 +259,21 @@ MHGD_HD void inverse_iteration(const double* d, const double* e, int64_t n, doub
 // Eigenvectors number first..first+count-1 of T (values[i], descending, for i < first+count) by
 // inverse iteration, into z (stride n; vectors before `first` already there). Each is kept
 // orthogonal to the earlier vectors of its cluster, a contiguous run since the values descend.
-// lu: scratch of 5n doubles.
+// lu: scratch of kLuDoubles·n doubles.
 MHGD_HD void cluster_vectors(const double* d, const double* e, int64_t n, double norm, const double* values,
                              int64_t first, int64_t count, double* z, double* lu) {
-  unsigned char* swap = reinterpret_cast<unsigned char*>(lu + 4 * n);
+  const ShiftedLU f = lu_view(lu, n);
   for (int64_t i = first; i < first + count; ++i) {
     int64_t start = i;
     while (start > 0 && same_cluster(values[start - 1], values[i], norm)) --start;
     inverse_iteration(d, e, n, values[i], norm, static_cast<int>(i), z + start * n, static_cast<int>(i - start),
-                      z + i * n, lu, lu + n, lu + 2 * n, lu + 3 * n, swap);
+                      z + i * n, f);
   }
 }
 
 // Number of eigenvalues of T in [a, b), a < b (Sturm counts).
 MHGD_HD int64_t count_in(const double* d, const double* e2, int64_t n, double pivmin, double a, double b) {
-  int64_t below[2] = {0, 0};
-  const double x[2] = {a, b};
-  for (int t = 0; t < 2; ++t) {
-    double q = d[0] - x[t];
-    if (dabs(q) < pivmin) q = -pivmin;
-    below[t] = q < 0;
-    for (int64_t i = 1; i < n; ++i) {
-      q = d[i] - x[t] - e2[i - 1] / q;
-      if (dabs(q) < pivmin) q = -pivmin;
-      below[t] += q < 0;
-    }
-  }
-  return below[1] - below[0];
+  return sturm_count(d, e2, n, pivmin, b) - sturm_count(d, e2, n, pivmin, a);
 }
 
 // Pairs beyond the top kk whose coupling the reference drops (|λ_j − λ_l| ≤ eps·λ_max) that the
@@ -293,6 +326,36 @@ MHGD_HD int64_t complement_plan(const double* e, const double* rhs, const double
   if (dropped > kMaxDropped) return -1;
   if (dropped > 0) bisect_descending(d, e2, n, bounds, kk, static_cast<int>(dropped), dropped_lam);
   return dropped;
+}
+
+// How many of the dropped pairs (descending values) stay coupled to column j: those within
+// thresh of λ_j, a leading run.
+MHGD_HD int64_t coupled_pairs(const double* dropped_lam, int64_t dropped, double lam_j, double thresh) {
+  int64_t t = 0;
+  while (t < dropped && dropped_lam[t] >= lam_j - thresh) ++t;
+  return t;
+}
+
+// The complement solve's per-column correction (CPU and CUDA), entry r of y_j from x_j (the
+// shifted solve mapped back to G's basis) and its dot products computed beforehand: the valid
+// top-kk directions projected out, and for each of the `coupled` pairs its component replaced by
+// keep_t: 0 (a dropped coupling has no component along u_t), or, on the XXᵀ route
+// (push_through) for u_t in range (λ_t > floor2), −(u_tᵀ rhs_j)/λ_t, which cancels that
+// direction in w_j = (r + Xᵀy_j)/λ_j.
+//   e_row: row r of E [n, kk]; valid[c]; dot_e[c] = E_c·x_j;
+//   u_r: entry r of the first dropped vector (the vectors at stride n);
+//   dot_u[t] = u_t·x_j, along[t] = u_t·rhs_j, dropped_lam[t] = λ_t.
+MHGD_HD double complement_entry(double x_r, const double* e_row, const unsigned char* valid, const double* dot_e,
+                                int64_t kk, const double* u_r, int64_t n, const double* dot_u, const double* along,
+                                const double* dropped_lam, int64_t coupled, bool push_through, double floor2) {
+  double v = x_r;
+  for (int64_t c = 0; c < kk; ++c)
+    if (valid[c]) v -= dot_e[c] * e_row[c];
+  for (int64_t t = 0; t < coupled; ++t) {
+    const double keep = (push_through && dropped_lam[t] > floor2) ? -along[t] / dropped_lam[t] : 0.0;
+    v += (keep - dot_u[t]) * u_r[t * n];
+  }
+  return v;
 }
 
 }  // namespace tridiagonal

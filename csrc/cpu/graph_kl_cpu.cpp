@@ -2,7 +2,7 @@
 // (except small ones, up to kWholeGraphBytes, which are made whole to save GEMM calls).
 // Work is split over (head, chunk of rows); each task streams blocks of rows whose logit strips
 // ([rows, M], student and teacher) fit in cache: two GEMMs make the strips, the row math
-// (graph_kl_rows.h, AVX2 or generic) reduces them, and two GEMMs per side turn the logit
+// (graph_kl_rows.h through kernel_table.h, AVX2 or generic) reduces them, and two GEMMs per side turn the logit
 // gradients into dq and dk. Extra memory: O(H*N) row statistics plus per-task strips, plus a
 // dk accumulator per row chunk when there are more threads than heads.
 #include <ATen/ATen.h>
@@ -16,44 +16,15 @@
 
 #include "../mhgd_fast.h"
 #include "../graph_kl_host.h"
-#include "cpu_capability.h"
-#include "graph_kl_rows.h"
+#include "kernel_table.h"
 
 namespace mhgd_fast {
 namespace {
 
-// AVX2+FMA row math when the CPU has it; MHGD_FAST_CPU_CAPABILITY=generic forces the portable path.
-bool use_avx2() {
-#ifdef MHGD_HAVE_AVX2_ROWS
-  return cpu::avx2_enabled();
-#else
-  return false;
-#endif
-}
-
-#ifdef MHGD_HAVE_AVX2_ROWS
-#define MHGD_ROWS_CALL(fn, ...) (use_avx2() ? cpu::avx2::fn(__VA_ARGS__) : cpu::generic::fn(__VA_ARGS__))
-#else
-#define MHGD_ROWS_CALL(fn, ...) cpu::generic::fn(__VA_ARGS__)
-#endif
-
+// The row math of this CPU's kernel table (kernel_table.h: AVX2 or generic).
 template <typename T>
-void squash_rows(T* s, T* t, int64_t rows, int64_t cols, T scale, bool squash_tanh) {
-  MHGD_ROWS_CALL(squash_rows, s, t, rows, cols, scale, squash_tanh);
-}
-
-template <typename T>
-void kl_rows(const T* s, const T* t, int64_t rows, int64_t cols, bool ts, T* kl, T* stats_s, T* stats_t, T* p_s,
-             T* p_t) {
-  MHGD_ROWS_CALL(kl_rows, s, t, rows, cols, ts, kl, stats_s, stats_t, p_s, p_t);
-}
-
-template <typename T>
-void kl_grad_rows(T* s, T* t, int64_t rows, int64_t cols, bool squash_tanh, bool ts, const T* kl,
-                  const T* stats_s, const T* stats_t, const T* row_scale, bool want_s, bool want_t, const T* p_s,
-                  const T* p_t) {
-  MHGD_ROWS_CALL(kl_grad_rows, s, t, rows, cols, squash_tanh, ts, kl, stats_s, stats_t, row_scale, want_s, want_t,
-                 p_s, p_t);
+const cpu::TypedKernels<T>& rows_kernels() {
+  return cpu::kernels().typed<T>();
 }
 
 // Rows per block: the two [rows, M] strips take about 2 MiB each (cache resident, large enough
@@ -93,14 +64,15 @@ void process_rows(const GraphKL& p, const Pass<T>& pass, const Grads& g, T* sp, 
   const T scale = static_cast<T>(p.scale);
   T* p_s = scratch.p_s.empty() ? nullptr : scratch.p_s.data();
   T* p_t = scratch.p_t.empty() ? nullptr : scratch.p_t.data();
-  squash_rows<T>(sp, tp, rows, M, scale, p.squash_tanh);
+  const cpu::TypedKernels<T>& k = rows_kernels<T>();
+  k.squash_rows(sp, tp, rows, M, scale, p.squash_tanh);
   if (pass.compute_stats)
-    kl_rows<T>(sp, tp, rows, M, p.teacher_student, pass.kl + off, pass.stats_s + 2 * off, pass.stats_t + 2 * off,
+    k.kl_rows(sp, tp, rows, M, p.teacher_student, pass.kl + off, pass.stats_s + 2 * off, pass.stats_t + 2 * off,
                p_s, p_t);
   if (!g.any()) return;
   T* row_scale = scratch.row_scale.data();
   for (int64_t i = 0; i < rows; ++i) row_scale[i] = (pass.row_grad ? pass.row_grad[off + i] : pass.grad_scalar) * scale;
-  kl_grad_rows<T>(sp, tp, rows, M, p.squash_tanh, p.teacher_student, pass.kl + off, pass.stats_s + 2 * off,
+  k.kl_grad_rows(sp, tp, rows, M, p.squash_tanh, p.teacher_student, pass.kl + off, pass.stats_s + 2 * off,
                   pass.stats_t + 2 * off, row_scale, g.student(), g.teacher(), p_s, p_t);
 }
 
@@ -187,63 +159,22 @@ void sweep(const GraphKL& p, bool compute_stats, T* kl, T* stats_s, T* stats_t, 
     streamed_pass(p, pass, g);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_kl_cpu(const at::Tensor& q_s, const at::Tensor& k_s,
-                                                            const at::Tensor& q_t, const at::Tensor& k_t,
-                                                            bool squash_tanh, double scale, bool teacher_student) {
-  const GraphKL p = prepare(q_s, k_s, q_t, k_t, squash_tanh, scale, teacher_student);
-  at::Tensor kl = at::empty({p.heads(), p.rows()}, p.q_s.options());
-  at::Tensor stats_s = at::empty({p.heads(), p.rows(), 2}, p.q_s.options()), stats_t = at::empty_like(stats_s);
-  Grads none = make_grads(p, {});
-  AT_DISPATCH_FLOATING_TYPES(p.q_s.scalar_type(), "graph_kl_cpu", [&] {
-    sweep<scalar_t>(p, true, kl.data_ptr<scalar_t>(), stats_s.data_ptr<scalar_t>(), stats_t.data_ptr<scalar_t>(),
-                    nullptr, 0, none);
-  });
-  return {kl, stats_s, stats_t};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_kl_backward_cpu(
-    const at::Tensor& grad_rows, const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
-    const at::Tensor& k_t, const at::Tensor& kl, const at::Tensor& stats_s, const at::Tensor& stats_t,
-    bool squash_tanh, double scale, bool teacher_student, std::array<bool, 4> grad_mask) {
-  const GraphKL p = prepare(q_s, k_s, q_t, k_t, squash_tanh, scale, teacher_student);
-  const auto acc = p.q_s.scalar_type();
-  check_graph_kl_row_tensors(p, grad_rows, kl, stats_s, stats_t);
-  const at::Tensor g_rows = grad_rows.to(acc).contiguous(), kl_c = kl.to(acc).contiguous();
-  const at::Tensor ss = stats_s.to(acc).contiguous(), st = stats_t.to(acc).contiguous();
-  Grads g = make_grads(p, grad_mask);
-  AT_DISPATCH_FLOATING_TYPES(acc, "graph_kl_backward_cpu", [&] {
-    sweep<scalar_t>(p, false, const_cast<scalar_t*>(kl_c.data_ptr<scalar_t>()),
-                    const_cast<scalar_t*>(ss.data_ptr<scalar_t>()), const_cast<scalar_t*>(st.data_ptr<scalar_t>()),
-                    g_rows.data_ptr<scalar_t>(), 0, g);
-  });
-  return finish_grads(g, q_s, k_s, q_t, k_t);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_kl_fused_cpu(
-    const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t, bool squash_tanh,
-    double scale, bool teacher_student, bool mean, std::array<bool, 4> grad_mask) {
-  const GraphKL p = prepare(q_s, k_s, q_t, k_t, squash_tanh, scale, teacher_student);
-  const int64_t rows = p.heads() * p.rows();
-  TORCH_CHECK(!mean || rows > 0, "graph_kl: reduction='mean' needs at least one graph row");
-  at::Tensor kl = at::empty({p.heads(), p.rows()}, p.q_s.options());
-  at::Tensor stats_s = at::empty({p.heads(), p.rows(), 2}, p.q_s.options()), stats_t = at::empty_like(stats_s);
-  Grads g = make_grads(p, grad_mask);
-  AT_DISPATCH_FLOATING_TYPES(p.q_s.scalar_type(), "graph_kl_fused_cpu", [&] {
-    const scalar_t grad_scalar = mean ? scalar_t(1) / static_cast<scalar_t>(rows) : scalar_t(1);
-    sweep<scalar_t>(p, true, kl.data_ptr<scalar_t>(), stats_s.data_ptr<scalar_t>(), stats_t.data_ptr<scalar_t>(),
-                    nullptr, grad_scalar, g);
-  });
-  at::Tensor loss = mean ? kl.mean() : kl.sum();
-  auto [dq_s, dk_s, dq_t, dk_t] = finish_grads(g, q_s, k_s, q_t, k_t, /*accumulation=*/true);
-  return {loss, dq_s, dk_s, dq_t, dk_t};
-}
+// The CPU's pass for graph_kl_host.h's op entry points.
+struct CpuPass {
+  struct Guard {
+    explicit Guard(const at::Tensor&) {}
+  };
+  static constexpr const char* kName = "graph_kl_cpu";
+  template <typename T>
+  static void run(const GraphKL& p, bool forward, at::Tensor& kl, at::Tensor& stats_s, at::Tensor& stats_t,
+                  const at::Tensor& row_grad, T grad_scalar, Grads& g) {
+    sweep<T>(p, forward, kl.data_ptr<T>(), stats_s.data_ptr<T>(), stats_t.data_ptr<T>(),
+             row_grad.defined() ? row_grad.data_ptr<T>() : nullptr, grad_scalar, g);
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mhgd_fast, CPU, m) {
-  m.impl("graph_kl", &graph_kl_cpu);
-  m.impl("graph_kl_backward", &graph_kl_backward_cpu);
-  m.impl("graph_kl_fused", &graph_kl_fused_cpu);
-}
+TORCH_LIBRARY_IMPL(mhgd_fast, CPU, m) { register_graph_kl<CpuPass>(m); }
 
 }  // namespace mhgd_fast

@@ -1,11 +1,12 @@
 // mhgd_fast::topk_singular_vectors on the CPU (MHGD_SPEC.md §3): the batched GEMMs through ATen
 // (topk_singular_vectors_host.h), the per-sample eigen-work here, one sample per task spread over
 // the intra-op threads, each sample's matrices kept in that core's cache:
-//   forward:  Householder tridiagonalisation of the float64 Gram (householder_impl.h), the top
-//             k+1 eigenvalues by bisection and the top k eigenvectors by inverse iteration on T
+//   forward:  Householder tridiagonalisation of the float64 Gram, the top k+1 eigenvalues by
+//             bisection (householder.h, bisection_lanes.h through the CPU kernel table,
+//             kernel_table.h) and the top k eigenvectors by inverse iteration on T
 //             (tridiagonal.h), mapped back through the reflectors.
 //   backward: per column, Qᵀ rhs, one pivoted tridiagonal solve at the shift λ_j, Q back, and the
-//             top-k directions projected out.
+//             complement correction (tridiagonal.h's complement_entry, as on CUDA).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,21 +20,7 @@
 #include "../mhgd_fast.h"
 #include "../topk_singular_vectors_host.h"
 #include "../tridiagonal.h"
-#include "cpu_capability.h"
-
-// householder_impl.h twice: for AVX2+FMA (chosen at run time) and for the portable baseline.
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
-#define MHGD_HOUSEHOLDER_AVX2 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace mhgd_fast::cpu::householder_avx2 {
-#include "householder_impl.h"
-}  // namespace mhgd_fast::cpu::householder_avx2
-#pragma GCC pop_options
-#endif
-namespace mhgd_fast::cpu::householder_generic {
-#include "householder_impl.h"
-}  // namespace mhgd_fast::cpu::householder_generic
+#include "kernel_table.h"
 
 namespace mhgd_fast {
 namespace {
@@ -41,51 +28,18 @@ namespace {
 using at::Tensor;
 namespace tri = tridiagonal;
 
-// MHGD_FAST_CPU_CAPABILITY=generic forces the portable path (as for graph_kl).
-bool use_avx2() {
-#ifdef MHGD_HOUSEHOLDER_AVX2
-  return cpu::avx2_enabled();
-#else
-  return false;
-#endif
+// The top eigenvalues first..first+m-1 of T, eight at a time (the kernel table's bisect_lanes).
+void bisect_top(const cpu::KernelTable& kt, const double* d, const double* e2, int64_t n, const tri::Bounds& b,
+                int64_t first, int64_t m, double* out) {
+  for (int64_t g = 0; g < m; g += 8)
+    kt.bisect_lanes(d, e2, n, b, first + g, static_cast<int>(std::min<int64_t>(8, m - g)), out + g);
 }
 
-void tridiagonalize(double* a, int64_t n, double* d, double* e, double* beta, double* p, double* w) {
-#ifdef MHGD_HOUSEHOLDER_AVX2
-  if (use_avx2()) return cpu::householder_avx2::tridiagonalize(a, n, d, e, beta, p, w);
-#endif
-  cpu::householder_generic::tridiagonalize(a, n, d, e, beta, p, w);
-}
-
-void apply_q(const double* a, const double* beta, int64_t n, double* x, int64_t count, bool from_q) {
-#ifdef MHGD_HOUSEHOLDER_AVX2
-  if (use_avx2()) return cpu::householder_avx2::apply_q(a, beta, n, x, count, from_q);
-#endif
-  cpu::householder_generic::apply_q(a, beta, n, x, count, from_q);
-}
-
-// The top eigenvalues first..first+m-1 of T, eight at a time (householder_impl.h's bisect8).
-void bisect_top(const double* d, const double* e2, int64_t n, const tri::Bounds& b, int64_t first, int64_t m,
-                double* out) {
-  for (int64_t g = 0; g < m; g += 8) {
-    const int count = static_cast<int>(std::min<int64_t>(8, m - g));
-#ifdef MHGD_HOUSEHOLDER_AVX2
-    if (use_avx2()) {
-      cpu::householder_avx2::bisect8(d, e2, n, b, first + g, count, out + g);
-      continue;
-    }
-#endif
-    cpu::householder_generic::bisect8(d, e2, n, b, first + g, count, out + g);
-  }
-}
-
-// Scratch of one sample's tridiagonal work (n entries each).
-// lu: a shifted tridiagonal LU (tridiagonal.h: 4n doubles, then n bytes of pivots in the last n).
+// Scratch of one sample's tridiagonal work (n entries each); lu: a shifted tridiagonal LU
+// (tridiagonal.h's lu_view).
 struct Scratch {
-  int64_t n;
   std::vector<double> e2, lu, p, w, vecs;
-  Scratch(int64_t n_, int64_t cols) : n(n_), e2(n_), lu(5 * n_), p(n_), w(n_), vecs(n_ * cols) {}
-  unsigned char* swap() { return reinterpret_cast<unsigned char*>(lu.data() + 4 * n); }
+  Scratch(int64_t n, int64_t cols) : e2(n), lu(tri::kLuDoubles * n), p(n), w(n), vecs(n * cols) {}
 };
 
 // `a` holds the sample's float64 Gram, whose diagonal the caller has checked for NaN/Inf.
@@ -93,13 +47,14 @@ void decompose_sample(double* a, int64_t n, int64_t kk, double* tri_out, double*
   double* d = tri_out;
   double* e = tri_out + n;
   double* beta = tri_out + 2 * n;
-  tridiagonalize(a, n, d, e, beta, s.p.data(), s.w.data());
+  const cpu::KernelTable& kt = cpu::kernels();
+  kt.tridiagonalize(a, n, d, e, beta, s.p.data(), s.w.data());
   for (int64_t i = 0; i + 1 < n; ++i) s.e2[i] = e[i] * e[i];
   const tri::Bounds bounds = tri::gershgorin(d, e, n);
   const int m = static_cast<int>(std::min(n, kk + 1));
-  bisect_top(d, s.e2.data(), n, bounds, 0, m, lam);
+  bisect_top(kt, d, s.e2.data(), n, bounds, 0, m, lam);
   tri::cluster_vectors(d, e, n, bounds.norm, lam, 0, kk, s.vecs.data(), s.lu.data());
-  apply_q(a, beta, n, s.vecs.data(), kk, true);
+  kt.apply_q(a, beta, n, s.vecs.data(), kk, true);
   for (int64_t i = 0; i < kk; ++i)
     for (int64_t r = 0; r < n; ++r) basis[r * kk + i] = s.vecs[i * n + r];
 }
@@ -108,13 +63,6 @@ void decompose_sample(double* a, int64_t n, int64_t kk, double* tri_out, double*
 // near 0.05–0.1); a slower sample takes the full route.
 constexpr int kMaxPowerSteps = 30;
 
-// The top eigenpair by power steps (householder_impl.h), AVX2 where the CPU has it.
-bool power_iteration(const double* gram, int64_t n, double tol, double* v, double* w, double* theta) {
-#ifdef MHGD_HOUSEHOLDER_AVX2
-  if (use_avx2()) return cpu::householder_avx2::power_iteration(gram, n, tol, kMaxPowerSteps, v, w, theta);
-#endif
-  return cpu::householder_generic::power_iteration(gram, n, tol, kMaxPowerSteps, v, w, theta);
-}
 
 // The smaller Gram G = P Pᵀ (float64 for kk ≥ 2, topk::gram_rows; P = X rows' side: fm's [C, HW]
 // on the XᵀX route, its transpose on the XXᵀ route) as three batched GEMMs, G11, G12 and G22 of
@@ -187,7 +135,8 @@ bool decompose_cpu(const topk::Features& f, Tensor& householder, Tensor& tridiag
           finite = false;
           return;
         }
-        if (!save && kk == 1 && power_iteration(a, n, power_tol, bp + b * n, s.w.data(), &values[0])) {
+        if (!save && kk == 1 &&
+            cpu::kernels().power_iteration(a, n, power_tol, kMaxPowerSteps, bp + b * n, s.w.data(), &values[0])) {
           for (int64_t i = 0; i < nl; ++i) lp[b * nl + i] = values[0];  // λ_2 is not needed without state
           continue;
         }
@@ -220,10 +169,13 @@ std::tuple<Tensor, Tensor> complement_solve_cpu(const Tensor& householder, const
   const double* f2p = f2.defined() ? f2.data_ptr<double>() : nullptr;
   double* yp = y.data_ptr<double>();
   bool* xp = exact.data_ptr<bool>();
+  const cpu::KernelTable& kt = cpu::kernels();
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     // vecs: the top kk (T's basis), the dropped pairs, then the kk solve columns.
     Scratch s(n, kk + tri::kMaxDropped + kk);
     std::vector<double> dropped_lam(tri::kMaxDropped), values(kk + tri::kMaxDropped);
+    // Per column: its dot products with the top kk, and with the dropped vectors and rhs.
+    std::vector<double> dot_e(kk), dot_u(tri::kMaxDropped), along(tri::kMaxDropped);
     std::vector<unsigned char> valid(kk), active(kk);
     for (int64_t b = begin; b < end; ++b) {
       const double* a = hp + b * n * n;
@@ -247,55 +199,56 @@ std::tuple<Tensor, Tensor> complement_solve_cpu(const Tensor& householder, const
       if (dropped > 0) {
         for (int64_t c = 0; c < kk; ++c)
           for (int64_t r = 0; r < n; ++r) z[c * n + r] = eb[r * kk + c];
-        apply_q(a, beta, n, z, kk, false);  // top kk in T's basis, for the clusters' orthogonality
+        kt.apply_q(a, beta, n, z, kk, false);  // top kk in T's basis, for the clusters' orthogonality
         std::copy(lam, lam + kk, values.begin());
         std::copy(dropped_lam.begin(), dropped_lam.begin() + dropped, values.begin() + kk);
         tri::cluster_vectors(d, off, n, bounds.norm, values.data(), kk, dropped, z, s.lu.data());
-        apply_q(a, beta, n, z + kk * n, dropped, true);
+        kt.apply_q(a, beta, n, z + kk * n, dropped, true);
       }
-      const double tiny = std::max(tri::kDoubleEps * bounds.norm, tri::kSafeMin);
       // (T − λ_j I) x_j = −Qᵀ rhs_j, so x_j = Qᵀ y_j up to the near-null directions removed below;
       // the reflectors go over all columns at once.
       double* xs = z + (kk + tri::kMaxDropped) * n;  // [kk][n]
       for (int64_t j = 0; j < kk; ++j)
         for (int64_t r = 0; r < n; ++r) xs[j * n + r] = -rb[r * kk + j];
-      apply_q(a, beta, n, xs, kk, false);
-      double* lu = s.lu.data();
+      kt.apply_q(a, beta, n, xs, kk, false);
+      const tri::ShiftedLU lu = tri::lu_view(s.lu.data(), n);
       for (int64_t j = 0; j < kk; ++j) {
         if (!active[j]) continue;
-        tri::shifted_lu(d, off, n, lam[j], tiny, lu, lu + n, lu + 2 * n, lu + 3 * n, s.swap());
-        tri::shifted_solve(n, lu, lu + n, lu + 2 * n, lu + 3 * n, s.swap(), xs + j * n);
+        tri::shifted_lu(d, off, n, lam[j], tri::lu_tiny(bounds.norm), lu);
+        tri::shifted_solve(n, lu, xs + j * n);
       }
-      apply_q(a, beta, n, xs, kk, true);
+      kt.apply_q(a, beta, n, xs, kk, true);
+      const double* u = z + kk * n;  // the dropped vectors
       for (int64_t j = 0; j < kk; ++j) {
         if (!active[j]) continue;
-        double* x = xs + j * n;
+        const double* x = xs + j * n;
+        const int64_t coupled = tri::coupled_pairs(dropped_lam.data(), dropped, lam[j], tb);
         for (int64_t c = 0; c < kk; ++c) {
-          if (!valid[c]) continue;
           double dot = 0;
           for (int64_t r = 0; r < n; ++r) dot += eb[r * kk + c] * x[r];
-          for (int64_t r = 0; r < n; ++r) x[r] -= dot * eb[r * kk + c];
+          dot_e[c] = dot;
         }
-        for (int64_t t = 0; t < dropped && dropped_lam[t] >= lam[j] - tb; ++t) {
-          // Dropped coupling: no component along u_l, or, on the XXᵀ route for l in range,
-          // −(u_lᵀ rhs)/λ_l, which cancels that direction in w_j = (r + Xᵀy_j)/λ_j.
-          const double* u = z + (kk + t) * n;
-          double dot = 0, along = 0;
+        for (int64_t t = 0; t < coupled; ++t) {
+          double dot = 0, on_rhs = 0;
           for (int64_t r = 0; r < n; ++r) {
-            dot += u[r] * x[r];
-            along += u[r] * rb[r * kk + j];
+            dot += u[t * n + r] * x[r];
+            on_rhs += u[t * n + r] * rb[r * kk + j];
           }
-          const double keep = (f2p != nullptr && dropped_lam[t] > f2p[b]) ? -along / dropped_lam[t] : 0.0;
-          for (int64_t r = 0; r < n; ++r) x[r] += (keep - dot) * u[r];
+          dot_u[t] = dot;
+          along[t] = on_rhs;
         }
-        for (int64_t r = 0; r < n; ++r) yp[(b * n + r) * kk + j] = x[r];
+        for (int64_t r = 0; r < n; ++r)
+          yp[(b * n + r) * kk + j] =
+              tri::complement_entry(x[r], eb + r * kk, valid.data(), dot_e.data(), kk, u + r, n, dot_u.data(),
+                                    along.data(), dropped_lam.data(), coupled, f2p != nullptr,
+                                    f2p != nullptr ? f2p[b] : 0.0);
       }
     }
   });
   return {y, exact};
 }
 
-// [B, C, r]·[B, r, HW] for small r, one sample per task (householder_impl.h's low_rank_product).
+// [B, C, r]·[B, r, HW] for small r, one sample per task (the kernel table's low_rank_product).
 Tensor low_rank_product_cpu(const Tensor& left, const Tensor& right) {
   const int64_t batch = left.size(0), c = left.size(1), r = left.size(2), hw = right.size(2);
   Tensor out = at::empty({batch, c, hw}, left.options());
@@ -303,16 +256,9 @@ Tensor low_rank_product_cpu(const Tensor& left, const Tensor& right) {
     const scalar_t* lp = left.data_ptr<scalar_t>();
     const scalar_t* rp = right.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
+    const auto product = cpu::kernels().typed<scalar_t>().low_rank_product;
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-#ifdef MHGD_HOUSEHOLDER_AVX2
-        if (use_avx2()) {
-          cpu::householder_avx2::low_rank_product(lp + b * c * r, rp + b * r * hw, c, r, hw, op + b * c * hw);
-          continue;
-        }
-#endif
-        cpu::householder_generic::low_rank_product(lp + b * c * r, rp + b * r * hw, c, r, hw, op + b * c * hw);
-      }
+      for (int64_t b = begin; b < end; ++b) product(lp + b * c * r, rp + b * r * hw, c, r, hw, op + b * c * hw);
     });
   });
   return out;

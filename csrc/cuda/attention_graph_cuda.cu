@@ -20,20 +20,22 @@ long compiled_cuda_runtime_version() { return CUDART_VERSION; }
 
 namespace {
 
-// One block per graph row; grid.x holds H*N rows.
-unsigned row_grid(const at::Tensor& s) {
-  const int64_t rows = s.size(0) * s.size(1);
-  TORCH_CHECK(rows < (int64_t{1} << 31), "attention_graph: too many rows (", rows, ") for one launch");
-  return static_cast<unsigned>(rows);
+// attention_graph_kernels.cuh's attention_row_launch for the logits s [H, N, M].
+cuda_kernels::LaunchGeometry row_launch(const at::Tensor& s) {
+  const auto geometry = cuda_kernels::attention_row_launch(s.size(0) * s.size(1), s.size(2));
+  TORCH_CHECK(geometry.grid < (int64_t{1} << 31), "attention_graph: too many rows (", geometry.grid,
+              ") for one launch");
+  return geometry;
 }
 
 at::Tensor attention_graph_cuda(const at::Tensor& q, const at::Tensor& k, bool squash_tanh, double scale) {
   const c10::cuda::CUDAGuard guard(q.device());
   return attention_forward_with(q, k, [&](at::Tensor& s) {
     const int64_t cols = s.size(2);
+    const auto geometry = row_launch(s);
     AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "attention_graph_cuda", [&] {
       cuda_kernels::attention_softmax_forward<scalar_t>
-          <<<row_grid(s), cuda_kernels::row_block_threads(cols), 0, c10::cuda::getCurrentCUDAStream()>>>(
+          <<<static_cast<unsigned>(geometry.grid), geometry.block, 0, c10::cuda::getCurrentCUDAStream()>>>(
               s.data_ptr<scalar_t>(), cols, static_cast<scalar_t>(scale), squash_tanh);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -46,9 +48,10 @@ std::tuple<at::Tensor, at::Tensor> attention_graph_backward_cuda(const at::Tenso
   const c10::cuda::CUDAGuard guard(q.device());
   return attention_backward_with(grad, q, k, [&](at::Tensor& s, const at::Tensor& dp) {
     const int64_t cols = s.size(2);
+    const auto geometry = row_launch(s);
     AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "attention_graph_backward_cuda", [&] {
       cuda_kernels::attention_softmax_backward<scalar_t>
-          <<<row_grid(s), cuda_kernels::row_block_threads(cols), 0, c10::cuda::getCurrentCUDAStream()>>>(
+          <<<static_cast<unsigned>(geometry.grid), geometry.block, 0, c10::cuda::getCurrentCUDAStream()>>>(
               s.data_ptr<scalar_t>(), dp.data_ptr<scalar_t>(), cols, static_cast<scalar_t>(scale), squash_tanh);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();

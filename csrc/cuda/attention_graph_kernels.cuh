@@ -68,5 +68,9 @@ inline int row_block_threads(int64_t cols) {
   return static_cast<int>(32 * (warps < 1 ? 1 : (warps > 8 ? 8 : warps)));
 }
 
+// Both row kernels: one block per graph row (`rows` = H*N), row_block_threads(cols) threads, no
+// dynamic shared memory.
+inline LaunchGeometry attention_row_launch(int64_t rows, int64_t cols) { return {rows, row_block_threads(cols), 0}; }
+
 }  // namespace cuda_kernels
 }  // namespace mhgd_fast

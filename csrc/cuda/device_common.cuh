@@ -17,6 +17,15 @@ namespace cuda_kernels {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// How a kernel is launched: blocks, threads per block, dynamic shared memory. Each kernel header
+// computes its kernels' geometry in one function that the CUDA glue (csrc/cuda/*.cu) and the
+// simulator's drivers (tests/simt/*_sim.cpp) both call.
+struct LaunchGeometry {
+  int64_t grid;
+  int block;
+  int64_t shared_bytes;
+};
+
 __device__ __forceinline__ float dev_exp(float x) { return expf(x); }
 __device__ __forceinline__ double dev_exp(double x) { return exp(x); }
 __device__ __forceinline__ float dev_tanh(float x) { return tanhf(x); }

@@ -16,6 +16,8 @@
 
 #include <device_common.cuh>
 
+#include "../graph_kl_math.h"
+
 namespace mhgd_fast {
 namespace cuda_kernels {
 
@@ -45,6 +47,13 @@ inline int64_t graph_kl_shared_bytes(int64_t dim, int64_t elem_size, int vectors
   return kGraphKLWarps * vectors * dim * elem_size;
 }
 
+// Every graph_kl kernel: one warp per item (a row or a column of some head), kGraphKLWarps warps a
+// block, `vectors` vectors of `dim` values of shared memory per warp.
+inline LaunchGeometry graph_kl_launch(int64_t items, int64_t dim, int64_t elem_size, int vectors) {
+  return {(items + kGraphKLWarps - 1) / kGraphKLWarps, kGraphKLWarps * 32,
+          graph_kl_shared_bytes(dim, elem_size, vectors)};
+}
+
 template <typename T>
 __device__ __forceinline__ T squash(T x, T scale, bool squash_tanh) {
   return squash_tanh ? dev_tanh(scale * x) : scale * x;
@@ -69,20 +78,12 @@ __device__ __forceinline__ void load_vector(T* dst, const T* __restrict__ src, i
 // (s for KL(P_s || P_t)) and y the other, both shifted by their running maxima. The KL is then
 // cross / sum_x + log sum_y - log sum_x, whose terms are as small as the KL itself (plus
 // log M); the unshifted sum_j P_x (x_j - y_j) + lse_y - lse_x cancels terms of the logits' size.
-// The cross term is held scaled by c = 2^-ceil(log2 M) (cross_scale) and divided by c * sum_x at
-// the end: unscaled, M terms of the logits' range overflow (float32 logits of 1e37 in 800
-// columns gave inf where the KL is finite); the power of two is exact and c * sum_x <= 1.
+// The cross term is held scaled by c = 2^-ceil(log2 M) (graph_kl_math.h's cross_scale) and
+// divided by c * sum_x at the end.
 template <typename T>
 struct OnlineStats {
   T max_s, sum_s, max_t, sum_t, cross;
 };
-
-template <typename T>
-__device__ __forceinline__ T cross_scale(int64_t cols) {
-  T c = 1;
-  for (int64_t m = 1; m < cols; m <<= 1) c *= T(0.5);
-  return c;
-}
 
 // The (c-scaled) cross term moved to raised maxima: each held difference (x - max_x) - (y - max_y)
 // shifts by the rise of max_y minus the rise of max_x, each weight (summing to sum_x) scales by
@@ -99,8 +100,9 @@ __device__ __forceinline__ void online_update(OnlineStats<T>& st, T s, T t, bool
   const T rescale_s = dev_exp(-rise_s), rescale_t = dev_exp(-rise_t);
   const T a = s - new_max_s, b = t - new_max_t;
   const T es = dev_exp(a), et = dev_exp(b);
-  st.cross = teacher_student ? rebase_cross(st.cross, st.sum_t, rescale_t, rise_t, rise_s, c) + et * ((b - a) * c)
-                             : rebase_cross(st.cross, st.sum_s, rescale_s, rise_s, rise_t, c) + es * ((a - b) * c);
+  st.cross = (teacher_student ? rebase_cross(st.cross, st.sum_t, rescale_t, rise_t, rise_s, c)
+                              : rebase_cross(st.cross, st.sum_s, rescale_s, rise_s, rise_t, c)) +
+             graph_kl_math::cross_term(a, b, es, et, c, teacher_student);
   st.sum_s = st.sum_s * rescale_s + es;
   st.sum_t = st.sum_t * rescale_t + et;
   st.max_s = new_max_s;
@@ -120,7 +122,7 @@ __global__ void graph_kl_forward(const GraphKLArgs<T> a) {
   load_vector(qt, a.q_t + row * a.dim, a.dim, lane);
   __syncwarp();
   OnlineStats<T> st{neg_infinity<T>(), T(0), neg_infinity<T>(), T(0), T(0)};
-  const T c = cross_scale<T>(a.cols);
+  const T c = graph_kl_math::cross_scale<T>(a.cols);
   for (int64_t j = lane; j < a.cols; j += 32) {
     const int64_t col = (h * a.cols + j) * a.dim;
     const T s = squash(dot(qs, a.k_s + col, a.dim), a.scale, a.squash_tanh);
@@ -142,27 +144,19 @@ __global__ void graph_kl_forward(const GraphKLArgs<T> a) {
     a.stats_s[2 * row + 1] = log_sum_s;
     a.stats_t[2 * row] = max_t;
     a.stats_t[2 * row + 1] = log_sum_t;
-    a.kl[row] = a.teacher_student ? cross / (c * sum_t) + (log_sum_s - log_sum_t)
-                                  : cross / (c * sum_s) + (log_sum_t - log_sum_s);
+    a.kl[row] = graph_kl_math::row_kl(cross, c, sum_s, sum_t, log_sum_s, log_sum_t, a.teacher_student);
   }
 }
 
-// dL/d(q k^T) of student (ds) and teacher (dt) at one element, §7, from the squashed logits and
-// the row's statistics (max m, log-sum l per side: log P = (x - m) - l, the max subtracted first
-// so that P is exact at any logit size); r = dL/dKL_i * scale.
+// dL/d(q k^T) of student (ds) and teacher (dt) at one element (graph_kl_math.h's element_grads),
+// from the squashed logits and the row's statistics (max m, log-sum l per side:
+// log P = (x - m) - l); r = dL/dKL_i * scale.
 template <typename T>
 __device__ __forceinline__ void element_grads(T s, T t, const T* __restrict__ stat_s, const T* __restrict__ stat_t,
                                               T kl, T r, bool squash_tanh, bool teacher_student, T& ds, T& dt) {
   const T log_ps = (s - stat_s[0]) - stat_s[1], log_pt = (t - stat_t[0]) - stat_t[1];
-  const T ps = dev_exp(log_ps), pt = dev_exp(log_pt), ell = log_ps - log_pt;
-  ds = teacher_student ? ps - pt : ps * (ell - kl);
-  dt = teacher_student ? pt * (-ell - kl) : pt - ps;
-  if (squash_tanh) {
-    ds *= T(1) - s * s;
-    dt *= T(1) - t * t;
-  }
-  ds *= r;
-  dt *= r;
+  graph_kl_math::element_grads<T>(s, t, log_ps, log_pt, dev_exp(log_ps), dev_exp(log_pt), kl, r, squash_tanh,
+                                  teacher_student, ds, dt);
 }
 
 // One warp owns vector `own` (a row i of q, or a column j of k) and streams over the other side

@@ -39,12 +39,13 @@ bool decompose_cuda(const topk::Features& f, Tensor& householder, Tensor& tridia
   Tensor t = tridiagonal.defined() ? tridiagonal : at::zeros({batch, 3, n}, basis.options());
   Tensor work = at::empty({batch, cuda_kernels::topk_work_doubles(n, kk)}, basis.options());
   Tensor nonfinite = at::zeros({1}, gram.options().dtype(at::kInt));
+  const cuda_kernels::LaunchGeometry geometry = cuda_kernels::topk_launch(batch, n);
   AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "topk_singular_vectors_cuda", [&] {
     const cuda_kernels::TopkDecomposeArgs<scalar_t> args{
         gram.data_ptr<scalar_t>(), n, kk, nl, a.data_ptr<double>(), t.data_ptr<double>(),
         basis.data_ptr<double>(), lam.data_ptr<double>(), work.data_ptr<double>(), nonfinite.data_ptr<int>()};
     cuda_kernels::topk_decompose<scalar_t>
-        <<<static_cast<unsigned>(batch), cuda_kernels::kTopkThreads, cuda_kernels::topk_shared_bytes(n),
+        <<<static_cast<unsigned>(geometry.grid), geometry.block, static_cast<size_t>(geometry.shared_bytes),
            c10::cuda::getCurrentCUDAStream()>>>(args);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -67,9 +68,10 @@ std::tuple<Tensor, Tensor> complement_solve_cuda(const Tensor& householder, cons
                                          th.data_ptr<double>(), nf.data_ptr<double>(),
                                          f2.defined() ? f2.data_ptr<double>() : nullptr, n, kk, lam.size(1),
                                          y.data_ptr<double>(), exact.data_ptr<bool>(), work.data_ptr<double>()};
-  cuda_kernels::topk_complement_solve<<<static_cast<unsigned>(batch), cuda_kernels::kTopkThreads,
-                                        cuda_kernels::topk_shared_bytes(n), c10::cuda::getCurrentCUDAStream()>>>(
-      args);
+  const cuda_kernels::LaunchGeometry geometry = cuda_kernels::topk_launch(batch, n);
+  cuda_kernels::topk_complement_solve<<<static_cast<unsigned>(geometry.grid), geometry.block,
+                                        static_cast<size_t>(geometry.shared_bytes),
+                                        c10::cuda::getCurrentCUDAStream()>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {y, exact};
 }

@@ -34,10 +34,15 @@ constexpr int64_t kTopkMaxVectors = kTopkMaxK + kTopkMaxDropped;
 inline size_t topk_shared_bytes(int64_t n) {
   return static_cast<size_t>(2 * n + 32 + kTopkMaxK * (kTopkMaxVectors + kTopkMaxDropped)) * sizeof(double);
 }
-// Global scratch per sample (doubles): kk shifted LUs of 5n (4n doubles + n bytes), the top kk
-// and dropped vectors, and the kk solve columns.
+// Global scratch per sample (doubles): kk shifted LUs (tridiagonal.h's lu_view, kLuDoubles·n
+// each), the top kk and dropped vectors, and the kk solve columns.
 __host__ __device__ inline int64_t topk_work_doubles(int64_t n, int64_t kk) {
-  return n * (5 * kk + kk + kTopkMaxDropped + kk);
+  return n * (::mhgd_fast::tridiagonal::kLuDoubles * kk + kk + kTopkMaxDropped + kk);
+}
+
+// Both kernels: one block of kTopkThreads per sample, topk_shared_bytes(n) of dynamic shared memory.
+inline LaunchGeometry topk_launch(int64_t batch, int64_t n) {
+  return {batch, kTopkThreads, static_cast<int64_t>(topk_shared_bytes(n))};
 }
 
 struct TopkSample {
@@ -182,7 +187,7 @@ __global__ void __launch_bounds__(kTopkThreads, 1) topk_decompose(TopkDecomposeA
   double* lam = args.eigenvalues + static_cast<int64_t>(blockIdx.x) * args.nl;
   if (threadIdx.x < args.nl) tri::bisect_descending(d, w, n, bounds, threadIdx.x, 1, lam + threadIdx.x);
   __syncthreads();
-  double* z = s.work + 5 * n;  // [kk][n]
+  double* z = s.work + tri::kLuDoubles * n;  // [kk][n], after one LU's scratch
   if (threadIdx.x == 0) tri::cluster_vectors(d, e, n, bounds.norm, lam, 0, kk, z, s.work);
   __syncthreads();
   topk_apply_q(s.a, beta, n, z, kk, true, dots);
@@ -225,7 +230,7 @@ __global__ void __launch_bounds__(kTopkThreads, 1) topk_complement_solve(TopkSol
   const double* rb = args.rhs + b * n * kk;
   const double* lam = args.eigenvalues + b * args.nl;
   const double tb = args.thresh[b];
-  double* z = s.work + 5 * n * kk;               // [kk + dropped][n]: top kk (T basis), dropped (G basis)
+  double* z = s.work + tri::kLuDoubles * n * kk;  // [kk + dropped][n]: top kk (T basis), dropped (G basis)
   double* x = z + (kk + kTopkMaxDropped) * n;  // [kk][n] solve columns
   if (threadIdx.x == 0) {
     plan = tri::complement_plan(eb, rb, lam, d, off, n, kk, tb, args.null_floor[b],
@@ -259,11 +264,9 @@ __global__ void __launch_bounds__(kTopkThreads, 1) topk_complement_solve(TopkSol
   topk_apply_q(s.a, beta, n, x, kk, false, dots);
   if (threadIdx.x < kk && active[threadIdx.x]) {
     const int64_t j = threadIdx.x;
-    double* lu = s.work + 5 * n * j;
-    unsigned char* swap = reinterpret_cast<unsigned char*>(lu + 4 * n);
-    const double tiny = tri::dmax(tri::kDoubleEps * bounds.norm, tri::kSafeMin);
-    tri::shifted_lu(d, off, n, lam[j], tiny, lu, lu + n, lu + 2 * n, lu + 3 * n, swap);
-    tri::shifted_solve(n, lu, lu + n, lu + 2 * n, lu + 3 * n, swap, x + j * n);
+    const tri::ShiftedLU lu = tri::lu_view(s.work + tri::kLuDoubles * n * j, n);
+    tri::shifted_lu(d, off, n, lam[j], tri::lu_tiny(bounds.norm), lu);
+    tri::shifted_solve(n, lu, x + j * n);
   }
   __syncthreads();
   topk_apply_q(s.a, beta, n, x, kk, true, dots);
@@ -298,17 +301,10 @@ __global__ void __launch_bounds__(kTopkThreads, 1) topk_complement_solve(TopkSol
   for (int64_t idx = threadIdx.x; idx < n * kk; idx += blockDim.x) {
     const int64_t r = idx / kk, j = idx % kk;
     if (!active[j]) continue;
-    double v = x[j * n + r];
-    for (int64_t c = 0; c < kk; ++c)
-      if (valid[c]) v -= dots[j * width + c] * eb[r * kk + c];
-    for (int64_t t = 0; t < dropped && dropped_lam[t] >= lam[j] - tb; ++t) {
-      // Dropped coupling: no component along u_t, or, on the XXᵀ route for u_t in range,
-      // −(u_tᵀ rhs)/λ_t, which cancels that direction in w_j = (r + Xᵀy_j)/λ_j.
-      const double keep =
-          (push_through && dropped_lam[t] > args.floor2[b]) ? -along[j * dropped + t] / dropped_lam[t] : 0.0;
-      v += (keep - dots[j * width + kk + t]) * z[(kk + t) * n + r];
-    }
-    yb[idx] = v;
+    const int64_t coupled = tri::coupled_pairs(dropped_lam, dropped, lam[j], tb);
+    yb[idx] = tri::complement_entry(x[j * n + r], eb + r * kk, valid, dots + j * width, kk, z + kk * n + r, n,
+                                    dots + j * width + kk, along + j * dropped, dropped_lam, coupled, push_through,
+                                    push_through ? args.floor2[b] : 0.0);
   }
 }
 

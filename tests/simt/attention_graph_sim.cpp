@@ -21,13 +21,15 @@ int run(int argc, char** argv) {
   const T scale = static_cast<T>(std::stod(argv[5]));
   const bool squash_tanh = std::string(argv[6]) == "1";
   std::vector<T> s = simt::read_array<T>(argv[7], rows * cols);
-  const dim3 grid(static_cast<unsigned>(rows)), block(k::row_block_threads(cols));
+  const auto geometry = k::attention_row_launch(rows, cols);
+  const dim3 grid(static_cast<unsigned>(geometry.grid)), block(geometry.block);
   if (forward) {
-    simt::launch(k::attention_softmax_forward<T>, grid, block, 0, s.data(), int64_t{cols}, scale, squash_tanh);
+    simt::launch(k::attention_softmax_forward<T>, grid, block, static_cast<size_t>(geometry.shared_bytes), s.data(),
+                 int64_t{cols}, scale, squash_tanh);
   } else {
     const std::vector<T> dp = simt::read_array<T>(argv[8], rows * cols);
-    simt::launch(k::attention_softmax_backward<T>, grid, block, 0, s.data(), dp.data(), int64_t{cols}, scale,
-                 squash_tanh);
+    simt::launch(k::attention_softmax_backward<T>, grid, block, static_cast<size_t>(geometry.shared_bytes), s.data(),
+                 dp.data(), int64_t{cols}, scale, squash_tanh);
   }
   std::ofstream out(argv[argc - 1], std::ios::binary);
   out.write(reinterpret_cast<const char*>(s.data()), static_cast<std::streamsize>(s.size() * sizeof(T)));

@@ -15,11 +15,12 @@
 
 namespace {
 
+// In graph_kl_kernels.cuh's launch geometry, as graph_kl_cuda.cu launches.
 template <typename T, typename Kernel, typename... Args>
 void launch_per_warp(Kernel kernel, int64_t items, int64_t dim, int vectors, Args... args) {
-  namespace k = mhgd_fast::cuda_kernels;
-  const dim3 grid(static_cast<unsigned>((items + k::kGraphKLWarps - 1) / k::kGraphKLWarps));
-  simt::launch(kernel, grid, dim3(k::kGraphKLWarps * 32), k::graph_kl_shared_bytes(dim, sizeof(T), vectors), args...);
+  const auto geometry = mhgd_fast::cuda_kernels::graph_kl_launch(items, dim, sizeof(T), vectors);
+  simt::launch(kernel, dim3(static_cast<unsigned>(geometry.grid)), dim3(geometry.block),
+               static_cast<size_t>(geometry.shared_bytes), args...);
 }
 
 template <typename T>

@@ -30,8 +30,9 @@ int decompose(int64_t batch, int64_t n, int64_t kk, const std::string& in, const
   const k::TopkDecomposeArgs<T> args{gram.data(),        n,           kk,          nl,
                                      householder.data(), tridiagonal.data(), basis.data(), eigenvalues.data(),
                                      work.data(),        nonfinite.data()};
-  simt::launch(k::topk_decompose<T>, dim3(static_cast<unsigned>(batch)), dim3(k::kTopkThreads),
-               k::topk_shared_bytes(n), args);
+  const k::LaunchGeometry geometry = k::topk_launch(batch, n);
+  simt::launch(k::topk_decompose<T>, dim3(static_cast<unsigned>(geometry.grid)), dim3(geometry.block),
+               static_cast<size_t>(geometry.shared_bytes), args);
   simt::write_array(out + "/householder.bin", householder);
   simt::write_array(out + "/tridiagonal.bin", tridiagonal);
   simt::write_array(out + "/basis.bin", basis);
@@ -55,8 +56,9 @@ int solve(int64_t batch, int64_t n, int64_t kk, bool push_through, const std::st
   const k::TopkSolveArgs args{householder.data(), tridiagonal.data(), e.data(), eigenvalues.data(), rhs.data(),
                               thresh.data(), null_floor.data(), push_through ? floor2.data() : nullptr, n, kk, nl,
                               y.data(), exact, work.data()};
-  simt::launch(k::topk_complement_solve, dim3(static_cast<unsigned>(batch)), dim3(k::kTopkThreads),
-               k::topk_shared_bytes(n), args);
+  const k::LaunchGeometry geometry = k::topk_launch(batch, n);
+  simt::launch(k::topk_complement_solve, dim3(static_cast<unsigned>(geometry.grid)), dim3(geometry.block),
+               static_cast<size_t>(geometry.shared_bytes), args);
   simt::write_array(out + "/y.bin", y);
   std::vector<unsigned char> flags(exact, exact + batch);
   delete[] exact;

@@ -1,12 +1,21 @@
-// Per-sample dense kernels of topk_singular_vectors on the CPU (MHGD_SPEC.md §3): Householder
-// tridiagonalisation of a symmetric matrix and the application of its reflectors, bisection of
-// several eigenvalues in SIMD lanes, power steps, and the gradient's rank-2k product. Included twice
-// by topk_singular_vectors_cpu.cpp, inside namespaces compiled for AVX2+FMA and for the portable
-// baseline; it includes nothing itself (the includer brings <cmath>, <cstdint> and tridiagonal.h).
+// Householder tridiagonalisation of a symmetric matrix and the application of its reflectors, per
+// sample, for topk_singular_vectors on the CPU (docs/method.md §3). One CPU capability's kernel
+// body (kernel_table.h): capability_kernels.h includes it into namespace
+// mhgd_fast::cpu::MHGD_CPU_CAPABILITY, after the capability's target is set.
 //
 // Storage: `a` is n×n row-major; only the upper triangle (k ≥ i) is read or written. After
 // tridiagonalize, row j right of the diagonal holds reflector j's vector u_j (entries j+1..n-1)
 // and beta[j] its factor: H_j = I − beta_j u_j u_jᵀ, Q = H_0 H_1 ⋯ H_{n−3}, A = Q T Qᵀ.
+#pragma once
+
+#ifndef MHGD_CPU_CAPABILITY
+#error "householder.h is compiled per CPU capability: include it through capability_kernels.h"
+#endif
+
+#include <cmath>
+#include <cstdint>
+
+namespace mhgd_fast::cpu::MHGD_CPU_CAPABILITY {
 
 // Reflector for row j: turns a[j][j+1..n) into (e_j, 0, …, 0); stores u_j in place, returns beta.
 inline double make_reflector(double* row, int64_t j, int64_t n, double* e_j) {
@@ -124,109 +133,4 @@ inline void apply_q(const double* a, const double* beta, int64_t n, double* x, i
   }
 }
 
-// Descending eigenvalues first..first+m-1 (m ≤ 8) of the tridiagonal (d, e2 = off²) by Sturm-count
-// bisection, the eight intervals in SIMD lanes (two independent AVX2 registers) so that their
-// division chains overlap: the count's dependent divisions are the cost. Same recurrence and
-// pivot floor and stopping rule as tridiagonal::bisect_descending.
-inline void bisect8(const double* d, const double* e2, int64_t n, const ::mhgd_fast::tridiagonal::Bounds& b,
-                    int64_t first, int m, double* out) {
-  constexpr int kLanes = 8;
-  alignas(64) double lo[kLanes], hi[kLanes], mid[kLanes], q[kLanes], below[kLanes], target[kLanes];
-  for (int t = 0; t < kLanes; ++t) {
-    lo[t] = b.lo;
-    hi[t] = b.hi;
-    target[t] = static_cast<double>(n - 1 - (first + (t < m ? t : m - 1)));  // ascending index
-  }
-  for (int iter = 0; iter < 128; ++iter) {
-    bool open = false;
-    for (int t = 0; t < kLanes; ++t) {
-      mid[t] = 0.5 * (lo[t] + hi[t]);
-      open = open || (t < m && ::mhgd_fast::tridiagonal::interval_open(b, lo[t], hi[t]));
-    }
-    if (!open) break;
-#pragma omp simd
-    for (int t = 0; t < kLanes; ++t) {
-      double v = d[0] - mid[t];
-      v = std::fabs(v) < b.pivmin ? -b.pivmin : v;
-      q[t] = v;
-      below[t] = v < 0 ? 1.0 : 0.0;
-    }
-    for (int64_t i = 1; i < n; ++i) {
-      const double di = d[i], ei = e2[i - 1];
-#pragma omp simd
-      for (int t = 0; t < kLanes; ++t) {
-        double v = di - mid[t] - ei / q[t];
-        v = std::fabs(v) < b.pivmin ? -b.pivmin : v;
-        q[t] = v;
-        below[t] += v < 0 ? 1.0 : 0.0;
-      }
-    }
-    for (int t = 0; t < kLanes; ++t) {
-      if (below[t] > target[t]) {
-        hi[t] = mid[t];
-      } else {
-        lo[t] = mid[t];
-      }
-    }
-  }
-  for (int t = 0; t < m; ++t) out[t] = 0.5 * (lo[t] + hi[t]);
-}
-
-// out [c, hw] = left [c, r] · right [r, hw] for a small r (the gradient's rank-2k product): each
-// output row is built in cache by r vectorised axpys. Batched GEMM libraries run this shape
-// (inner size 2k ≤ 16) far below their usual rate.
-template <typename T>
-inline void low_rank_product(const T* left, const T* right, int64_t c, int64_t r, int64_t hw, T* out) {
-  for (int64_t i = 0; i < c; ++i) {
-    T* o = out + i * hw;
-    const T* li = left + i * r;
-    const T l0 = li[0];
-#pragma omp simd
-    for (int64_t j = 0; j < hw; ++j) o[j] = l0 * right[j];
-    for (int64_t t = 1; t < r; ++t) {
-      const T lt = li[t];
-      const T* rt = right + t * hw;
-#pragma omp simd
-      for (int64_t j = 0; j < hw; ++j) o[j] += lt * rt[j];
-    }
-  }
-}
-
-// Top eigenpair of the symmetric n×n `gram` (float64, both triangles) by at most max_steps power
-// steps; false when ‖G v − θ v‖ ≤ tol·θ was not reached (or the Gram is zero, which the full
-// route handles exactly). v, w: n entries; v receives the unit vector, theta its eigenvalue.
-inline bool power_iteration(const double* gram, int64_t n, double tol, int max_steps, double* v, double* w,
-                            double* theta_out) {
-  double norm = 0;
-  for (int64_t i = 0; i < n; ++i) {  // positive start: a post-ReLU Gram's Perron vector is non-negative
-    v[i] = 1.0 + 0.25 * std::sin(1.0 + 2.3 * static_cast<double>(i));
-    norm += v[i] * v[i];
-  }
-  norm = std::sqrt(norm);
-  for (int64_t i = 0; i < n; ++i) v[i] /= norm;
-  for (int step = 0; step < max_steps; ++step) {
-    for (int64_t i = 0; i < n; ++i) {
-      const double* row = gram + i * n;
-      double sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < n; ++j) sum += row[j] * v[j];
-      w[i] = sum;
-    }
-    double theta = 0, resid = 0, wnorm = 0;
-#pragma omp simd reduction(+ : theta)
-    for (int64_t i = 0; i < n; ++i) theta += v[i] * w[i];
-#pragma omp simd reduction(+ : resid, wnorm)
-    for (int64_t i = 0; i < n; ++i) {
-      resid += (w[i] - theta * v[i]) * (w[i] - theta * v[i]);
-      wnorm += w[i] * w[i];
-    }
-    if (!(theta > 0) || wnorm == 0) return false;
-    if (std::sqrt(resid) <= tol * theta) {
-      *theta_out = theta;
-      return true;
-    }
-    wnorm = std::sqrt(wnorm);
-    for (int64_t i = 0; i < n; ++i) v[i] = w[i] / wnorm;
-  }
-  return false;
-}
+}  // namespace mhgd_fast::cpu::MHGD_CPU_CAPABILITY

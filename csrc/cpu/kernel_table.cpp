@@ -1,5 +1,5 @@
-// Run-time choice between the AVX2+FMA and the portable variants of the CPU kernels.
-#pragma once
+// The run-time choice of the CPU kernel table (kernel_table.h). Compiled for the baseline target.
+#include "kernel_table.h"
 
 #include <cstdlib>
 #include <cstring>
@@ -7,10 +7,8 @@
 namespace mhgd_fast {
 namespace cpu {
 
-// True when the CPU has AVX2 and FMA and MHGD_FAST_CPU_CAPABILITY=generic does not force the
-// portable path. Only x86 with g++ compiles the AVX2 variants (a target pragma).
-inline bool avx2_enabled() {
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
+bool avx2_enabled() {
+#ifdef MHGD_HAVE_AVX2
   static const bool avx2 = [] {
     const char* forced = std::getenv("MHGD_FAST_CPU_CAPABILITY");
     if (forced != nullptr && std::strcmp(forced, "generic") == 0) return false;
@@ -20,6 +18,15 @@ inline bool avx2_enabled() {
 #else
   return false;
 #endif
+}
+
+const KernelTable& kernels() {
+#ifdef MHGD_HAVE_AVX2
+  static const KernelTable* const chosen = avx2_enabled() ? &avx2::table : &generic::table;
+#else
+  static const KernelTable* const chosen = &generic::table;
+#endif
+  return *chosen;
 }
 
 }  // namespace cpu
