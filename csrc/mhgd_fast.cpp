@@ -7,13 +7,13 @@
 #include "mhgd_fast.h"
 
 TORCH_LIBRARY(mhgd_fast, m) {
-  // MHGD_SPEC.md §4: softmax_j(squash(scale * q k^T)) per head; q [H, N, d], k [H, M, d].
+  // docs/method.md §4: softmax_j(squash(scale * q k^T)) per head; q [H, N, d], k [H, M, d].
   m.def("attention_graph(Tensor q, Tensor k, bool squash_tanh, float scale) -> Tensor");
   // Gradients of attention_graph w.r.t. q and k; recomputes the graph from q and k.
   m.def(
       "attention_graph_backward(Tensor grad, Tensor q, Tensor k, bool squash_tanh, float scale)"
       " -> (Tensor, Tensor)");
-  // MHGD_SPEC.md §7, streamed: per graph row (h, i) the KL divergence of the direction
+  // docs/method.md §7, streamed: per graph row (h, i) the KL divergence of the direction
   // (teacher_student=false: KL(P_s || P_t)), [H, N], and each side's row statistics, [H, N, 2]:
   // the (squashed) logits' max and log sum_j exp(logit_j - max), apart so that the backward
   // rebuilds the probabilities exactly at any logit size. All in the accumulation dtype. The
@@ -33,7 +33,7 @@ TORCH_LIBRARY(mhgd_fast, m) {
   m.def(
       "graph_kl_fused(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, bool squash_tanh, float scale,"
       " bool teacher_student, bool mean, bool[4] grad_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // MHGD_SPEC.md §3: top-k right singular vectors of X_b = fm_b.reshape(C, -1)^T, [B, k, C], plus
+  // docs/method.md §3: top-k right singular vectors of X_b = fm_b.reshape(C, -1)^T, [B, k, C], plus
   // what the backward needs, all float64, n = min(HW, C) the smaller Gram's size, kk = min(k, n):
   // the Householder reflectors of Gram = Q T Q^T ([B, n, n], upper triangle), T's diagonal,
   // off-diagonal and the reflectors' factors ([B, 3, n]), the Gram's top-kk eigenvectors

@@ -7,7 +7,7 @@
 
 namespace mhgd_fast {
 
-// Result dtype of accumulation: 16-bit floats accumulate in float32 (MHGD_SPEC.md §8).
+// Result dtype of accumulation: 16-bit floats accumulate in float32 (README.md, "The ops on their own").
 inline at::ScalarType accumulate_type(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }

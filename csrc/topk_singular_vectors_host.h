@@ -1,4 +1,4 @@
-// Host-side skeleton of mhgd_fast::topk_singular_vectors (MHGD_SPEC.md §3), shared by the CPU
+// Host-side skeleton of mhgd_fast::topk_singular_vectors (docs/method.md §3), shared by the CPU
 // and CUDA implementations: the batched GEMMs (smaller-side Gram, v = Xᵀu/σ, the gradient's
 // rank-2k products) run through ATen; each device supplies the per-sample work:
 //

@@ -1,5 +1,5 @@
 // Symmetric tridiagonal eigen-helpers shared by the CPU kernel and the CUDA kernel headers
-// (topk_singular_vectors, MHGD_SPEC.md §3): Gershgorin bounds, the Sturm count, bisection, the
+// (topk_singular_vectors, docs/method.md §3): Gershgorin bounds, the Sturm count, bisection, the
 // shifted LU and its scratch view, inverse iteration, the backward's plan and its per-column
 // complement correction. Sequential code: on the CPU one thread per sample calls them, on CUDA
 // one thread per wanted eigenpair. No torch includes (the host SIMT simulator compiles this file
@@ -280,7 +280,7 @@ MHGD_HD int64_t count_in(const double* d, const double* e2, int64_t n, double pi
 // fast backward computes; a sample with more takes the exact route.
 constexpr int kMaxDropped = 8;
 
-// The backward's plan for one sample (MHGD_SPEC.md §3's dropping rule), shared by the CPU and CUDA
+// The backward's plan for one sample (docs/method.md §3's dropping rule), shared by the CPU and CUDA
 // kernels. e: [n, kk] the valid top-kk eigenvectors (zero columns: invalid); rhs: [n, kk];
 // lam: λ_1..λ_min(n,kk+1); d, off: T; thresh = eps·λ_max; floor2 = (eps·σ_max)² on the XXᵀ route,
 // else negative; null_floor: eigenvalues below it are rounding noise. Fills valid/active per

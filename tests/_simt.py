@@ -1,4 +1,4 @@
-"""Builds and runs the host SIMT simulator's drivers (tests/simt, MHGD_SPEC.md §11).
+"""Builds and runs the host SIMT simulator's drivers (tests/simt, docs/design.md §4).
 
 A driver is ``tests/simt/<name>.cpp``: it includes ``simt_runtime.h`` and kernel headers from
 csrc/cuda. Binaries are cached by a hash of everything they are built from, so only the first

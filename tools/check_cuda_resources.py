@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Compiles each CUDA kernel header (csrc/cuda/*.cuh) on its own with nvcc for every target arch,
 records ptxas's per-kernel resources in benchmarks/cuda_resources.md, and exits non-zero on any
-compiler warning or register spill (MHGD_SPEC.md §11). Needs only nvcc, no GPU and no torch.
+compiler warning or register spill (docs/design.md §4). Needs only nvcc, no GPU and no torch.
 
 Kernels are found by their ``__global__ void name(`` declarations in namespace
 mhgd_fast::cuda_kernels; a kernel template takes one floating type and is instantiated for float

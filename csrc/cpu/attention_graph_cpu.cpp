@@ -1,4 +1,4 @@
-// CPU kernels of mhgd_fast::attention_graph (MHGD_SPEC.md §4). The q k^T products go through
+// CPU kernels of mhgd_fast::attention_graph (docs/method.md §4). The q k^T products go through
 // ATen's batched GEMM; the row pass (scale, tanh, softmax and its derivative) is parallel over
 // the H*N rows.
 #include <ATen/ATen.h>

@@ -1,4 +1,4 @@
-// Fused graph-KL loss on the CPU (MHGD_SPEC.md §7): the [H, N, M] graphs are never stored
+// Fused graph-KL loss on the CPU (docs/method.md §7): the [H, N, M] graphs are never stored
 // (except small ones, up to kWholeGraphBytes, which are made whole to save GEMM calls).
 // Work is split over (head, chunk of rows); each task streams blocks of rows whose logit strips
 // ([rows, M], student and teacher) fit in cache: two GEMMs make the strips, the row math

@@ -1,4 +1,4 @@
-// mhgd_fast::topk_singular_vectors on the CPU (MHGD_SPEC.md §3): the batched GEMMs through ATen
+// mhgd_fast::topk_singular_vectors on the CPU (docs/method.md §3): the batched GEMMs through ATen
 // (topk_singular_vectors_host.h), the per-sample eigen-work here, one sample per task spread over
 // the intra-op threads, each sample's matrices kept in that core's cache:
 //   forward:  Householder tridiagonalisation of the float64 Gram, the top k+1 eigenvalues by

@@ -1,5 +1,5 @@
-// Device code of mhgd_fast::attention_graph (MHGD_SPEC.md §4). No torch includes: this header
-// is compiled by nvcc through attention_graph_cuda.cu and stands alone (MHGD_SPEC.md §11).
+// Device code of mhgd_fast::attention_graph (docs/method.md §4). No torch includes: this header
+// is compiled by nvcc through attention_graph_cuda.cu and stands alone (docs/design.md §4).
 // One block per graph row; blockDim.x is a multiple of 32, at most 1024.
 #pragma once
 

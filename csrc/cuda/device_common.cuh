@@ -1,5 +1,5 @@
 // Device helpers shared by the kernel headers: math overloads, warp and block reductions, and
-// dynamic shared memory. No torch includes (MHGD_SPEC.md §11); the host SIMT simulator
+// dynamic shared memory. No torch includes (docs/design.md §4); the host SIMT simulator
 // (tests/simt) compiles this file too. Kernel headers include it with angle brackets so that the
 // simulator's planted-bug tests can shadow it.
 #pragma once

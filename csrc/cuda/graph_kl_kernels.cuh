@@ -1,4 +1,4 @@
-// Device code of the fused graph-KL loss (MHGD_SPEC.md §7). No torch includes (§11).
+// Device code of the fused graph-KL loss (docs/method.md §7). No torch includes (docs/design.md §4).
 //
 // One warp owns one graph row (forward, dq) or one graph column (dk) and streams over the other
 // side, recomputing the logits s = scale q_i.k_j and t likewise; the [H, N, M] graphs never exist.

@@ -1,4 +1,4 @@
-// CUDA kernels of topk_singular_vectors (MHGD_SPEC.md §3): one block per sample, the same
+// CUDA kernels of topk_singular_vectors (docs/method.md §3): one block per sample, the same
 // algorithm as the CPU kernel (topk_singular_vectors_host.h), so that no batched eigen-solver
 // (which loops one solver call per matrix above n = 32) is needed.
 //   topk_decompose:        Householder tridiagonalisation of the float64 Gram, block-parallel,

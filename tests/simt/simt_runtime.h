@@ -1,5 +1,5 @@
 // Host SIMT simulator: runs CUDA kernel headers (csrc/cuda/*.cuh) unchanged on the CPU with g++
-// -std=c++20 -pthread (MHGD_SPEC.md §11). Include it before the kernel header.
+// -std=c++20 -pthread (docs/design.md §4). Include it before the kernel header.
 //
 // Model: every thread of a block is an OS thread; blocks run one after another, so `__shared__`
 // is `static` storage (one copy per function or template instance, reused by each block in turn).
