@@ -13,8 +13,20 @@
 
 #include "host_device.h"
 
+// The CPU compiles these once per capability (graph_kl_rows.h instantiates them with that
+// capability's at::vec::Vectorized, whose registers a call between functions of different targets
+// would pass wrongly), so each capability's copy is its own inline namespace: no function compiled
+// for AVX2 is merged at link time with, or called as, the baseline one. CUDA and the simulator get
+// the namespace `portable`.
+#ifdef MHGD_CPU_CAPABILITY
+#define MHGD_GRAPH_KL_MATH_ABI MHGD_CPU_CAPABILITY
+#else
+#define MHGD_GRAPH_KL_MATH_ABI portable
+#endif
+
 namespace mhgd_fast {
 namespace graph_kl_math {
+inline namespace MHGD_GRAPH_KL_MATH_ABI {
 
 // c = 2^-ceil(log2 cols): the cross term is accumulated scaled by c and divided by c·sum at the
 // end. Unscaled, cols terms of the logits' range overflow (float32 logits of 1e37 in 800 columns
@@ -62,5 +74,6 @@ MHGD_HD void element_grads(const V& s, const V& t, const V& log_ps, const V& log
   dt = dt * r;
 }
 
+}  // inline namespace MHGD_GRAPH_KL_MATH_ABI
 }  // namespace graph_kl_math
 }  // namespace mhgd_fast
