@@ -29,7 +29,7 @@ run: install
 	$(BIN)/mhgd-fast demo
 
 test: install
-	MHGD_REQUIRE_EXTENSION=1 $(BIN)/pytest tests
+	MHGD_REQUIRE_EXTENSION=1 $(BIN)/pytest tests --durations=15
 
 bench: install
 	$(BIN)/pytest benchmarks --benchmark-only

@@ -127,6 +127,7 @@ def header(device: Device, repeats: Repeats) -> Dict[str, object]:
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "cpu_capability": mf.build_info().get("cpu_capability"),
         "available_backends": mf.available_backends(),
         "warmup": repeats.warmup,
         "repeat": repeats.repeat,

@@ -1,8 +1,9 @@
 // Op schemas (one TORCH_LIBRARY block for every op) and the module-level build helpers.
 // Each device registers its kernels in its own file with TORCH_LIBRARY_IMPL; Python adds the
-// fake (meta) kernels and autograd formulas in mhgd_fast/_torch_ops.py.
+// fake (meta) kernels and autograd formulas beside each wrapper in mhgd_fast/ops.py.
 #include <torch/extension.h>
 
+#include "cpu/kernel_table.h"
 #include "limits.h"
 #include "mhgd_fast.h"
 
@@ -79,10 +80,25 @@ pybind11::dict size_limits() {
   return info;
 }
 
+// The CPU kernel tables compiled in, and the one this process uses (kernel_table.cpp: chosen
+// once from the CPU's features and MHGD_FAST_CPU_CAPABILITY).
+pybind11::dict cpu_capability() {
+  pybind11::dict info;
+  pybind11::list compiled;
+  compiled.append(mhgd_fast::cpu::generic::table.capability);
+#ifdef MHGD_HAVE_AVX2
+  compiled.append(mhgd_fast::cpu::avx2::table.capability);
+#endif
+  info["cpu_capabilities_compiled"] = compiled;
+  info["cpu_capability"] = mhgd_fast::cpu::kernels().capability;
+  return info;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mhgd_fast compiled kernels (ops are registered under torch.ops.mhgd_fast)";
   m.def("compile_info", &compile_info, "Facts fixed when the extension was compiled");
   m.def("limits", &size_limits, "The kernels' size limits (csrc/limits.h)");
+  m.def("cpu_capability", &cpu_capability, "The CPU kernel tables compiled in and the one in use");
 }

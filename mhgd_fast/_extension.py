@@ -86,7 +86,9 @@ def compiled_backends() -> tuple:
 
 
 def build_info() -> Dict[str, Any]:
-    """What was compiled, against which torch, for which CUDA archs, with which flags."""
+    """What was compiled, against which torch, for which CUDA archs, with which flags, and which
+    CPU kernel table this process uses (``cpu_capability``: ``"avx2"`` or ``"generic"``, chosen
+    once from the CPU's features; ``MHGD_FAST_CPU_CAPABILITY=generic`` forces the portable one)."""
     info: Dict[str, Any] = {
         "package_version": __version__,
         "torch_version": torch.__version__,
@@ -100,4 +102,5 @@ def build_info() -> Dict[str, Any]:
         return info
     info.update({f"build_{key}": value for key, value in _META.items()})
     info.update(_C.compile_info())
+    info.update(_C.cpu_capability())
     return info

@@ -31,6 +31,7 @@ def test_bench_quick_graph_kl_table_and_json(tmp_path, capsys):
     assert len(rows) == 4 * len(runnable)
     data = json.loads(path.read_text())
     assert data["header"]["threads"] == 1 and data["header"]["repeat"] == harness.QUICK.repeat
+    assert data["header"]["cpu_capability"] == mf.build_info().get("cpu_capability")
     assert len(data["results"]) == len(rows)
     for r in data["results"]:
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["threads"] == 1

@@ -1,5 +1,8 @@
 """The compiled extension: build facts, version guard, op registration, opcheck, torch.compile."""
 import os
+import platform
+import re
+import shutil
 import subprocess
 import sys
 
@@ -45,10 +48,68 @@ def test_build_info_reports_what_was_compiled():
         assert "cuda" not in mf.available_backends()
 
 
+def _cpu_has(*flags):
+    """Whether /proc/cpuinfo lists every one of ``flags`` (False where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            line = next(line for line in cpuinfo if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return set(flags) <= set(line.split(":", 1)[1].split())
+
+
+@compiled
+def test_build_info_reports_the_cpu_kernel_table_in_use():
+    """The AVX2 table is compiled on x86-64 with g++ and used exactly when the CPU has AVX2 and
+    FMA (the choice is the extension's own; /proc/cpuinfo is the independent witness)."""
+    info = mf.build_info()
+    compiled_tables = info["cpu_capabilities_compiled"]
+    assert compiled_tables[0] == "generic" and set(compiled_tables) <= {"generic", "avx2"}
+    x86_gcc = platform.machine() in ("x86_64", "AMD64") and info["cxx_compiler"].startswith("gcc")
+    assert ("avx2" in compiled_tables) == x86_gcc
+    expected = "avx2" if "avx2" in compiled_tables and _cpu_has("avx2", "fma") else "generic"
+    if os.environ.get("MHGD_FAST_CPU_CAPABILITY") == "generic":
+        expected = "generic"
+    assert info["cpu_capability"] == expected
+
+
+def _functions_using_vex(library):
+    """{function name: count} of the functions in ``library`` whose disassembly has a VEX-encoded
+    (AVX, AVX2, FMA) instruction or names a ymm register."""
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", library], capture_output=True,
+                             text=True, check=True).stdout
+    found, function = {}, None
+    for line in listing.splitlines():
+        start = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if start:
+            function = start.group(1)
+        elif function and ("%ymm" in line or re.search(r"\tv[a-z]", line)):
+            found[function] = found.get(function, 0) + 1
+    return found
+
+
+@compiled
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="no objdump to disassemble the extension")
+def test_avx2_code_stays_in_the_avx2_kernel_table():
+    """On a CPU without AVX2 the generic table must not reach an AVX2 instruction. kernels_avx2.cpp
+    compiles under an AVX2 target pragma; an inline or template function it shares with another
+    unit (a COMDAT) could be emitted as AVX2 code there and picked by the linker for everyone. So:
+    every function of the built library that uses an AVX/AVX2/FMA instruction has a name only the
+    AVX2 unit can emit: it is in, or instantiated with a type from, a per-capability namespace
+    (``mhgd_fast::cpu::avx2``, graph_kl_math's ``avx2`` ABI namespace, at::vec's ``mhgd_avx2``)."""
+    if "avx2" not in mf.build_info()["cpu_capabilities_compiled"]:
+        pytest.skip("no AVX2 kernel table in this build")
+    library = mf._extension._C.__file__
+    vex = _functions_using_vex(library)
+    avx2_only = re.compile(r"::avx2::|\bmhgd_avx2::")
+    assert any(avx2_only.search(name) for name in vex), "the AVX2 kernels were not found in the disassembly"
+    outside = sorted(name for name in vex if not avx2_only.search(name))
+    assert not outside, f"AVX code outside the AVX2 table in {library}: {outside[:20]}"
+
+
 @compiled
 def test_limits_come_from_the_one_cpp_definition():
     """Python reads the kernels' size limits from the extension; they are those of csrc/limits.h."""
-    import re
     header = open(os.path.join(os.path.dirname(__file__), "..", "csrc", "limits.h")).read()
     defined = {name: int(value) for name, value in re.findall(r"constexpr int64_t k(\w+) = (\d+);", header)}
     assert defined == {"CudaTopkMaxK": 8, "CudaTopkMaxN": 2048}
@@ -235,6 +296,7 @@ def test_generic_cpu_path_matches(tmp_path):
     script = tmp_path / "generic.py"
     script.write_text(
         "import torch, mhgd_fast as mf\n"
+        "assert mf.build_info()['cpu_capability'] == 'generic', mf.build_info()\n"
         "torch.manual_seed(0)\n"
         "x = [torch.randn(3, n, 17, dtype=torch.float64, requires_grad=True) for n in (21, 38, 21, 38)]\n"
         "out = mf.ops.graph_kl(*x, backend='cpu')\n"

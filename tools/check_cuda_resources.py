@@ -21,17 +21,30 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_DIR = ROOT / "csrc" / "cuda"
-ARCHS = ["80", "90"]  # setup.py's DEFAULT_CUDA_ARCHS
 NAMESPACE = "mhgd_fast::cuda_kernels"
 LAUNCH_BOUNDS = r"(?:__launch_bounds__\s*\([^)]*\)\s*)?"
 KERNEL_RE = re.compile(r"(template\s*<\s*typename\s+\w+\s*>\s*)?__global__\s+" + LAUNCH_BOUNDS + r"void\s+"
                        + LAUNCH_BOUNDS + r"(\w+)\s*\(")
 
 
-def nvcc_flags():
-    """setup.py's NVCC_FLAGS, read without importing setup.py (which needs torch)."""
-    match = re.search(r"^NVCC_FLAGS = (\[.*?\])$", (ROOT / "setup.py").read_text(), re.M)
+def setup_constant(name):
+    """A constant assigned at the top level of setup.py, read without importing setup.py (which
+    needs torch)."""
+    match = re.search(rf"^{name} = (.*)$", (ROOT / "setup.py").read_text(), re.M)
     return ast.literal_eval(match.group(1))
+
+
+def nvcc_flags():
+    """setup.py's NVCC_FLAGS."""
+    return setup_constant("NVCC_FLAGS")
+
+
+def default_archs():
+    """setup.py's DEFAULT_CUDA_ARCHS ("8.0;9.0") as nvcc's sm numbers (["80", "90"])."""
+    return [arch.replace(".", "") for arch in setup_constant("DEFAULT_CUDA_ARCHS").split(";")]
+
+
+ARCHS = default_archs()
 
 
 def find_nvcc():
