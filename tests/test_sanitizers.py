@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import _simt
+import _vex
 
 ROOT = Path(__file__).resolve().parent.parent
 SANITIZE_DIR = ROOT / "build" / "sanitize"
@@ -75,6 +76,17 @@ def test_cpu_kernels_under_asan_and_ubsan(asan_env):
                               "tests/test_errors.py"], asan_env, timeout=1800)
     assert result.returncode == 0, out
     assert "ERROR: AddressSanitizer" not in out and "runtime error:" not in out, out
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="no objdump to disassemble the extension")
+def test_instrumented_avx2_code_stays_in_the_avx2_table(asan_env):
+    """The -O1 sanitizer build inlines less than the -O3 one, so shared inline and template code
+    (COMDATs) is emitted out of line there: the check of tests/test_extension.py, on this build."""
+    library = next(LIB.glob("mhgd_fast/_C*.so"))
+    vex = _vex.functions_using_vex(str(library))
+    if not vex:
+        pytest.skip("no AVX2 kernel table in this build")
+    assert not _vex.outside_the_avx2_table(vex), _vex.outside_the_avx2_table(vex)[:20]
 
 
 @pytest.mark.simulator
