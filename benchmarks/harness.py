@@ -135,6 +135,12 @@ def header(device: Device, repeats: Repeats) -> Dict[str, object]:
     }
 
 
+def environment(run_header: Dict[str, object]) -> str:
+    """``mhgd_fast <version>, torch <version>, <device name>`` from :func:`header`, for a caption."""
+    return (f"mhgd_fast {run_header['mhgd_fast_version']}, torch {run_header['torch_version']}, "
+            f"{run_header['device_name']}")
+
+
 def _plain(value):
     """``value`` with dataclasses turned into dicts, for ``json``."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

@@ -165,8 +165,7 @@ def run(jobs: Sequence[Job], repeats: Repeats, progress: Callable[[Iterable[Job]
 
 def caption(run_header: Dict[str, object]) -> str:
     """One line saying what the table was measured on, to print above it."""
-    return (f"mhgd_fast {run_header['mhgd_fast_version']}, torch {run_header['torch_version']}, "
-            f"{run_header['device_name']}, {run_header['threads']} threads, {run_header['timestamp']}: "
+    return (f"{harness.environment(run_header)}, {run_header['threads']} threads, {run_header['timestamp']}: "
             f"median and min–max of {run_header['repeat']} timed calls after "
             f"{run_header['warmup']} warm-up, in ms.")
 

@@ -9,13 +9,12 @@ One stage-2 step of the demo setting (ResNet-14 → ResNet-8 at half width, batc
 """
 import pytest
 
-from benchmarks import diagnostics, harness
+from benchmarks import diagnostics
 
 
 @pytest.fixture(scope="module")
 def step_parts():
-    with harness.threads(2):
-        yield diagnostics.make_parts()
+    return diagnostics.make_parts()  # under conftest.py's bench_threads, as every benchmark
 
 
 @pytest.mark.parametrize("balance", diagnostics.BALANCE, ids=["balanced", "unbalanced"])

@@ -28,7 +28,6 @@ from .training import cli as training_cli
 
 log = logging.getLogger(__name__)
 
-SUITES = ("ops", "graph_kl_scaling", "compression", "diagnostics")
 COMPRESSION_BATCH = 128
 
 
@@ -67,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--json", metavar="PATH",
                               help="also write the header and the results to PATH as JSON")
     bench_parser.add_argument(
-        "--suite", choices=SUITES, default="ops",
+        "--suite", choices=tuple(BENCH_SUITES), default="ops",
         help="ops: every op on every backend (default); compression: topk_singular_vectors at the "
              f"paper's shapes (B={COMPRESSION_BATCH}) against torch.linalg.svd and Gram + eigh, fwd and fwd+bwd, the "
              "floor of any Gram-based fwd+bwd, and the whole MHGD loss next to ResNet32 fwd and "
@@ -125,20 +124,14 @@ def _on_the_cpu(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
     torch.set_num_threads(args.threads)
 
 
-def _environment(run_header: dict) -> str:
-    """``mhgd_fast <version>, torch <version>, <cpu model>`` for a caption."""
-    return (f"mhgd_fast {run_header['mhgd_fast_version']}, torch {run_header['torch_version']}, "
-            f"{run_header['cpu_model']}")
-
-
 def _bench_scaling(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if "cpu" not in available_backends() or args.device != "cpu":
+    if "cpu" not in available_backends():
         parser.error("--suite graph_kl_scaling measures the compiled cpu kernel: needs the cpu backend and --device cpu")
-    torch.set_num_threads(args.threads)
+    _on_the_cpu(args, parser)
     run_header = harness.header("cpu", harness.QUICK if args.quick else harness.FULL)
     with logging_redirect_tqdm():
         results = scaling.run(args.quick, args.threads, progress=_progress("graph_kl scaling", "case"))
-    caption = (f"graph_kl fwd+bwd (sum, tanh), H={scaling.HEADS}, d={scaling.DIM}; {_environment(run_header)}, "
+    caption = (f"graph_kl fwd+bwd (sum, tanh), H={scaling.HEADS}, d={scaling.DIM}; {harness.environment(run_header)}, "
                f"{args.threads} threads, {run_header['timestamp']}; median and min–max after warm-up calls (10 up "
                "to B=1024, else 1); extra peak = peak RSS during the timed calls minus RSS before them.")
     return _report(args, caption, scaling.format_markdown(results), run_header, results)
@@ -149,7 +142,7 @@ def _bench_compression(args: argparse.Namespace, parser: argparse.ArgumentParser
     repeats = 3 if args.quick else 7
     run_header = harness.header("cpu", harness.Repeats(warmup=1, repeat=repeats))
     results = compression.run(COMPRESSION_BATCH, repeats, floor=True, mhgd=True)
-    caption = (f"{_environment(run_header)}, {args.threads} threads, B={COMPRESSION_BATCH}, float32, medians of "
+    caption = (f"{harness.environment(run_header)}, {args.threads} threads, B={COMPRESSION_BATCH}, float32, medians of "
                f"{repeats} round-robin repeats, {run_header['timestamp']}")
     return _report(args, caption, compression.format_run(results), run_header, results)
 
@@ -161,7 +154,7 @@ def _bench_diagnostics(args: argparse.Namespace, parser: argparse.ArgumentParser
     times = diagnostics.run(rounds)
     caption = (f"stage-2 step of the demo setting, batch {diagnostics.BATCH}, {args.threads} threads, {rounds} "
                f"interleaved rounds; median ms; amortised = (sampled/plain − 1)/{diagnostics.DIAG_EVERY}; "
-               f"{_environment(run_header)}, {run_header['timestamp']}")
+               f"{harness.environment(run_header)}, {run_header['timestamp']}")
     results = [{"balance": balance, "sampled": sampled, "median_ms": ms} for (balance, sampled), ms in times.items()]
     return _report(args, caption, "\n".join(diagnostics.format_markdown(times)), run_header, results)
 

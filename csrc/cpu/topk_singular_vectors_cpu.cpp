@@ -63,7 +63,6 @@ void decompose_sample(double* a, int64_t n, int64_t kk, double* tri_out, double*
 // near 0.05–0.1); a slower sample takes the full route.
 constexpr int kMaxPowerSteps = 30;
 
-
 // The smaller Gram G = P Pᵀ (float64 for kk ≥ 2, topk::gram_rows; P = X rows' side: fm's [C, HW]
 // on the XᵀX route, its transpose on the XXᵀ route) as three batched GEMMs, G11, G12 and G22 of
 // the 2×2 block split (G21 = G12ᵀ):
