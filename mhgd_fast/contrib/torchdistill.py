@@ -320,8 +320,9 @@ def mhgd_balanced_post_forward_process(self, loss, metrics=None, **kwargs):
                          "forward_proc: 'forward_batch_only_no_sync' (the balancing all-reduces the gradients)")
     finite = bool(torch.isfinite(terms.ce.detach())) and bool(torch.isfinite(terms.transfer.detach()))
     if any_rank(not finite):
-        raise ValueError(f"non-finite stage-2 loss (ce={float(terms.ce)}, transfer={float(terms.transfer)} on this "
-                         f"process); no gradient was applied")
+        ce, transfer = float(terms.ce.detach()), float(terms.transfer.detach())
+        raise ValueError(f"non-finite stage-2 loss (ce={ce}, transfer={transfer} on this process); "
+                         "no gradient was applied")
 
     self.stage_grad_count += 1
     ce, transfer = terms.ce, terms.transfer
